@@ -12,15 +12,27 @@ import optax
 from optax_ema import _core
 from optax_ema import _tree_utils
 
-# State type -> function returning its averaged tree (same structure as the
-# params, MaskedNode at masked-out leaves). Other averaging transforms of this
-# package register here so that `averaged_params` finds them too.
-_READERS: dict[type, Callable[[Any], Any]] = {
-  _core.MovingAverageState: lambda state: state.average,
+
+def _read_moving_average(state: _core.MovingAverageState, which: Any) -> Any:
+  if which is not None:
+    raise ValueError(
+      f"`which` must be None for a state with a single average, got {which!r}."
+    )
+  return state.average
+
+
+# State type -> reader(state, which) returning its averaged tree (same
+# structure as the params, MaskedNode at masked-out leaves). `which` selects
+# one of several averages (None when the caller did not choose); a reader
+# raises ValueError, listing the choices, when `which` does not fit. Other
+# averaging transforms of this package register here so that
+# `averaged_params` finds them too.
+_READERS: dict[type, Callable[[Any, Any], Any]] = {
+  _core.MovingAverageState: _read_moving_average,
 }
 
 
-def register_average_state(state_type: type, reader: Callable[[Any], Any]) -> None:
+def register_average_state(state_type: type, reader: Callable[[Any, Any], Any]) -> None:
   """Lets :func:`averaged_params` find states of ``state_type``."""
   _READERS[state_type] = reader
 
@@ -59,7 +71,10 @@ def find_average_state(opt_state: Any, caller: str = "averaged_params") -> Any:
 
 
 def averaged_params(
-  opt_state: optax.OptState, params: optax.Params | None = None
+  opt_state: optax.OptState,
+  params: optax.Params | None = None,
+  *,
+  which: Any = None,
 ) -> optax.Params:
   """Returns the averaged parameters held in an optimizer state.
 
@@ -74,6 +89,7 @@ def averaged_params(
     params: optional current parameters. When given, float leaves come back
       in the params' dtypes, leaves that are not averaged (masked out, or not
       floating point) come from ``params``, and the structure is checked.
+    which: for a state that keeps several averages, which one to return.
 
   Returns:
     A pytree with the structure of the parameters.
@@ -94,7 +110,7 @@ def averaged_params(
     bfloat16 [1 1]
   """
   state = find_average_state(opt_state)
-  average = _READERS[type(state)](state)
+  average = _READERS[type(state)](state, which)
   if params is None:
     masked = [
       _tree_utils.keystr(path)
