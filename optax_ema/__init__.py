@@ -7,16 +7,46 @@ exponential moving average of the parameters, read back with
 :func:`averaged_params`.
 """
 
+from optax_ema import posthoc
+from optax_ema import schedules
 from optax_ema._averaged import averaged_params
+from optax_ema._compat import SWA
+from optax_ema._compat import MovingAverage
+from optax_ema._core import Averages
+from optax_ema._core import DebiasedAverage
 from optax_ema._core import MovingAverageState
 from optax_ema._core import average_op
 from optax_ema._core import moving_average
+from optax_ema._diagnostics import diagnostics
+from optax_ema._flax import averaged_nnx_model
+from optax_ema._flax import averaged_nnx_state
+from optax_ema._flax import averaged_train_state
+from optax_ema._power import PowerEmaState
+from optax_ema._power import power_ema
+from optax_ema._resume import resume_with_average
+from optax_ema._swa import SWAState
+from optax_ema._swa import swa
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "SWA",
+  "Averages",
+  "DebiasedAverage",
+  "MovingAverage",
   "MovingAverageState",
+  "PowerEmaState",
+  "SWAState",
   "average_op",
+  "averaged_nnx_model",
+  "averaged_nnx_state",
   "averaged_params",
+  "averaged_train_state",
+  "diagnostics",
   "moving_average",
+  "posthoc",
+  "power_ema",
+  "resume_with_average",
+  "schedules",
+  "swa",
 ]

@@ -14,11 +14,21 @@ from optax_ema import _tree_utils
 
 
 def _read_moving_average(state: _core.MovingAverageState, which: Any) -> Any:
-  if which is not None:
+  average = state.average
+  if isinstance(average, _core.Averages):
+    if which is None:
+      raise ValueError(
+        f"This state keeps {len(average)} averages (one per decay); pass "
+        f"`which=` one of: {average.choices()}."
+      )
+    average = average[which]
+  elif which is not None:
     raise ValueError(
       f"`which` must be None for a state with a single average, got {which!r}."
     )
-  return state.average
+  if isinstance(average, _core.DebiasedAverage):
+    return _core.debiased_value(average.average, average.weight)
+  return average
 
 
 # State type -> reader(state, which) returning its averaged tree (same
@@ -89,10 +99,15 @@ def averaged_params(
     params: optional current parameters. When given, float leaves come back
       in the params' dtypes, leaves that are not averaged (masked out, or not
       floating point) come from ``params``, and the structure is checked.
-    which: for a state that keeps several averages, which one to return.
+    which: for a state that keeps several averages (``average_decay`` a
+      tuple or dict), which one to return: an index, a key, or a decay
+      value. Required there (the error lists the choices); must be ``None``
+      for a state with one average.
 
   Returns:
-    A pytree with the structure of the parameters.
+    A pytree with the structure of the parameters. A debiased average
+    (``debias=True``) comes back bias-corrected, ``average / weight`` (zero
+    before the first update).
 
   Raises:
     ValueError: no averaging state, or more than one, inside ``opt_state``; a

@@ -1,0 +1,353 @@
+"""Decay schedules for :func:`optax_ema.moving_average`.
+
+Each schedule is a plain function ``count -> decay`` (``count`` the number of
+updates applied before the step, an int32 scalar) that traces under
+``jax.jit`` and returns a float32 scalar; pass it as ``average_decay``. Where
+``1 - decay`` is tiny, the schedules compute it with ``log1p``/``expm1`` so
+that the float32 decay is the correctly rounded value even at counts of 1e7.
+
+:func:`per_leaf` marks a pytree prefix of decays as one decay per parameter
+subtree (as opposed to a tuple or dict of decays, which keeps several
+averages).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_ema import _core
+from optax_ema import _power_math
+
+Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
+
+__all__ = [
+  "from_half_life",
+  "half_life",
+  "per_leaf",
+  "power",
+  "tf_ramp",
+  "to_half_life",
+  "warmup",
+]
+
+
+def _real(value: Any, name: str) -> float:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+    value, (numbers.Real, np.floating, np.integer)
+  ):
+    raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+  out = float(value)
+  if math.isnan(out):
+    raise ValueError(f"`{name}` must not be NaN, got {value!r}.")
+  return out
+
+
+def _unit(value: Any, name: str) -> float:
+  out = _real(value, name)
+  if not 0.0 <= out <= 1.0:
+    raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+  return out
+
+
+def _positive(value: Any, name: str) -> float:
+  out = _real(value, name)
+  if not out > 0.0 or math.isinf(out):
+    raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+  return out
+
+
+def _step(count: jax.typing.ArrayLike) -> jax.Array:
+  return jnp.asarray(count).astype(jnp.float32)
+
+
+def warmup(
+  max_decay: float,
+  inv_gamma: float = 1.0,
+  power: float = 2.0 / 3.0,
+  min_decay: float = 0.0,
+  start_step: int = 0,
+) -> Schedule:
+  """The EMA warmup ramp of timm / diffusers / ema-pytorch.
+
+  With :math:`s = \\text{count} - \\text{start\\_step}`,
+
+  .. math::
+
+    d(s) = \\mathrm{clip}\\big(1 - (1 + s / \\gamma_{inv})^{-p},\\;
+      d_{min},\\; d_{max}\\big),
+
+  and :math:`d = 0` before ``start_step`` (the average copies the
+  parameters). ``1 - d`` is computed as
+  :math:`\\exp(-p\\,\\mathrm{log1p}(s / \\gamma_{inv}))`. ``power=2/3`` reaches
+  0.999 near 31.6k steps, ``power=3/4`` near 10k steps (for ``inv_gamma=1``).
+
+  Args:
+    max_decay: the largest decay, in [0, 1].
+    inv_gamma: the ramp's time scale in steps, > 0.
+    power: the ramp's exponent, > 0.
+    min_decay: the smallest decay once averaging has started, in
+      [0, max_decay].
+    start_step: the count at which the ramp starts, a non-negative int.
+
+  Returns:
+    A schedule ``count -> decay`` (float32).
+
+  Examples:
+    >>> from optax_ema import schedules
+    >>> ramp = schedules.warmup(0.9999, power=0.75)
+    >>> print([f"{float(ramp(c)):.4f}" for c in (0, 1, 10, 10_000)])
+    ['0.0000', '0.4054', '0.8344', '0.9990']
+
+  References:
+    Wightman, timm ``ModelEmaV3`` (``get_decay``); von Platen et al.,
+    diffusers ``EMAModel.get_decay``; Wang, ema-pytorch ``EMA.get_current_decay``.
+  """
+  max_decay = _unit(max_decay, "max_decay")
+  min_decay = _unit(min_decay, "min_decay")
+  if min_decay > max_decay:
+    raise ValueError(
+      f"`min_decay` must be <= `max_decay`, got {min_decay!r} > {max_decay!r}."
+    )
+  inv_gamma = _positive(inv_gamma, "inv_gamma")
+  power = _positive(power, "power")
+  if isinstance(start_step, (bool, np.bool_)) or not isinstance(
+    start_step, (int, np.integer)
+  ):
+    raise TypeError(f"`start_step` must be a non-negative int, got {start_step!r}.")
+  if start_step < 0:
+    raise ValueError(f"`start_step` must be a non-negative int, got {start_step!r}.")
+
+  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+    s = _step(count) - jnp.float32(start_step)
+    started = s >= 0
+    s = jnp.maximum(s, 0.0)
+    decay = -jnp.expm1(-jnp.float32(power) * jnp.log1p(s / jnp.float32(inv_gamma)))
+    decay = jnp.clip(decay, jnp.float32(min_decay), jnp.float32(max_decay))
+    return jnp.where(started, decay, jnp.zeros_like(decay))
+
+  return schedule
+
+
+def tf_ramp(max_decay: float) -> Schedule:
+  """The ramp of ``tf.train.ExponentialMovingAverage(num_updates=...)``.
+
+  .. math::
+
+    d(t) = \\min\\Big(d_{max}, \\frac{1 + t}{10 + t}\\Big)
+
+  with :math:`t` the count (so the first update uses 0.1). Equivalent to
+  ``moving_average(..., dynamic_decay=True)`` with ``start_step=0``.
+
+  Args:
+    max_decay: the largest decay, in [0, 1].
+
+  Returns:
+    A schedule ``count -> decay`` (float32).
+
+  Examples:
+    >>> from optax_ema import schedules
+    >>> ramp = schedules.tf_ramp(0.999)
+    >>> print([f"{float(ramp(c)):.4f}" for c in (0, 10, 100, 10**6)])
+    ['0.1000', '0.5500', '0.9182', '0.9990']
+
+  References:
+    TensorFlow, ``tf.train.ExponentialMovingAverage`` (``num_updates``).
+  """
+  max_decay = _unit(max_decay, "max_decay")
+
+  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+    t = _step(count)
+    # 1 - decay = 9 / (10 + t), exact to float32 rounding at any count.
+    ramp = 1.0 - 9.0 / (10.0 + t)
+    return jnp.minimum(jnp.float32(max_decay), ramp)
+
+  return schedule
+
+
+def from_half_life(steps: jax.typing.ArrayLike) -> Any:
+  """The decay whose average forgets half of its past in ``steps`` steps.
+
+  .. math::
+
+    d = 2^{-1/h} = \\exp(-\\ln 2 / h)
+
+  Args:
+    steps: the half-life :math:`h` in steps, > 0 (a number or an array).
+
+  Returns:
+    The decay: a Python float (float64 math) for a Python number, else an
+    array.
+
+  Examples:
+    >>> from optax_ema import schedules
+    >>> print(f"{schedules.from_half_life(693.1):.6f}")
+    0.999000
+
+  References:
+    MosaicML Composer, ``EMA(half_life=...)``.
+  """
+  if isinstance(steps, (numbers.Real, np.floating, np.integer)):
+    h = _positive(steps, "steps")
+    return math.exp(-math.log(2.0) / h)
+  xp = jnp if isinstance(steps, jax.Array) else np
+  return xp.exp(-math.log(2.0) / xp.asarray(steps))
+
+
+def to_half_life(decay: jax.typing.ArrayLike) -> Any:
+  """The half-life in steps of a decay: the inverse of :func:`from_half_life`.
+
+  .. math::
+
+    h = \\frac{-\\ln 2}{\\ln d} = \\frac{-\\ln 2}{\\mathrm{log1p}(d - 1)}
+
+  Args:
+    decay: the decay, in (0, 1) (a number or an array).
+
+  Returns:
+    The half-life in steps: a Python float for a Python number, else an
+    array.
+
+  Examples:
+    >>> from optax_ema import schedules
+    >>> print(f"{schedules.to_half_life(0.999):.1f}")
+    692.8
+  """
+  if isinstance(decay, (numbers.Real, np.floating, np.integer)):
+    d = _unit(decay, "decay")
+    if d in (0.0, 1.0):
+      raise ValueError(f"`decay` must be in (0, 1) to have a half-life, got {decay!r}.")
+    return -math.log(2.0) / math.log1p(d - 1.0)
+  xp = jnp if isinstance(decay, jax.Array) else np
+  d = xp.asarray(decay)
+  return -math.log(2.0) / xp.log1p(d - 1.0)
+
+
+def half_life(steps: float) -> Schedule:
+  """A constant decay given by its half-life in steps.
+
+  .. math::
+
+    d(t) = 2^{-1/h}
+
+  After :math:`h` steps the weight of the past average has halved; the
+  effective window :math:`1 / (1 - d)` is about :math:`h / \\ln 2 \\approx
+  1.44\\,h` steps. The decay is computed in float64 and rounded once to
+  float32.
+
+  Args:
+    steps: the half-life :math:`h` in steps, > 0.
+
+  Returns:
+    A schedule ``count -> decay`` (float32, constant).
+
+  Examples:
+    >>> from optax_ema import schedules
+    >>> sched = schedules.half_life(1000)
+    >>> print(f"{float(sched(0)):.6f}")
+    0.999307
+
+  References:
+    MosaicML Composer, ``EMA(half_life=...)``; torchtitan's EMA.
+  """
+  decay = from_half_life(_positive(steps, "steps"))
+
+  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+    return jnp.full(jnp.shape(count), decay, jnp.float32)
+
+  return schedule
+
+
+def power(gamma: float | None = None, sigma_rel: float | None = None) -> Schedule:
+  """The power-function EMA of EDM2: ``(1 - 1/t) ** (gamma + 1)``.
+
+  With :math:`t = \\text{count} + 1` (the first update copies the
+  parameters),
+
+  .. math::
+
+    d(t) = (1 - 1/t)^{\\gamma + 1}
+      = \\exp\\big((\\gamma + 1)\\,\\mathrm{log1p}(-1/t)\\big),
+
+  which weighs the parameters seen so far like :math:`\\tau^{\\gamma}`: the
+  averaging window grows with training. Give either ``gamma`` or the
+  profile's relative width ``sigma_rel`` (converted with the largest real
+  root of the cubic of Karras et al.; ``sigma_rel=0.05`` is
+  :math:`\\gamma \\approx 16.97`, ``0.10`` is :math:`\\approx 6.94`).
+
+  Args:
+    gamma: the exponent, > -1.
+    sigma_rel: the relative standard deviation of the profile, in
+      (0, 0.3003].
+
+  Returns:
+    A schedule ``count -> decay`` (float32).
+
+  Examples:
+    >>> from optax_ema import schedules
+    >>> sched = schedules.power(sigma_rel=0.05)
+    >>> print([f"{float(sched(c)):.4f}" for c in (0, 1, 99)])
+    ['0.0000', '0.0000', '0.8347']
+
+  References:
+    Karras et al., "Analyzing and Improving the Training Dynamics of
+    Diffusion Models", CVPR 2024, section 3.1 and appendix C.
+  """
+  if (gamma is None) == (sigma_rel is None):
+    raise ValueError(
+      "`power` needs exactly one of `gamma` and `sigma_rel`, got "
+      f"gamma={gamma!r}, sigma_rel={sigma_rel!r}."
+    )
+  if sigma_rel is not None:
+    g = float(_power_math.sigma_rel_to_gamma(_real(sigma_rel, "sigma_rel")))
+  else:
+    g = _real(gamma, "gamma")
+    _power_math.gamma_to_sigma_rel(g)  # raises on gamma <= -1
+
+  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+    return _power_math.power_decay(count, g)
+
+  return schedule
+
+
+def per_leaf(prefix: Any) -> _core.PerLeafDecay:
+  """One decay (or schedule) per parameter subtree.
+
+  ``prefix`` is a pytree prefix of the parameters with a decay or a
+  schedule at each leaf, e.g. a slower average for embeddings. Without this
+  marker a dict or tuple of decays means several averages. Combine freely
+  with ``mask`` (masked-out leaves keep no average, whatever their decay),
+  ``debias`` (one bias-correction weight per leaf) and ``update_every``.
+
+  Args:
+    prefix: a pytree prefix of the params holding decays in [0, 1] or
+      schedules.
+
+  Returns:
+    A marker object to pass as ``average_decay`` (or as one entry of a
+    tuple/dict of decays).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import schedules
+    >>> params = {"embed": jnp.zeros(2), "dense": jnp.zeros(2)}
+    >>> decay = schedules.per_leaf({"embed": 0.9, "dense": 0.5})
+    >>> tx = optax_ema.moving_average(optax.sgd(1.0), decay)
+    >>> state = tx.init(params)
+    >>> grads = {"embed": -jnp.ones(2), "dense": -jnp.ones(2)}
+    >>> _, state = tx.update(grads, state, params)
+    >>> avg = optax_ema.averaged_params(state)
+    >>> print(f"{avg['embed'][0]:.2f} {avg['dense'][0]:.2f}")
+    0.10 0.50
+  """
+  if isinstance(prefix, _core.PerLeafDecay):
+    return prefix
+  return _core.PerLeafDecay(prefix)
