@@ -21,19 +21,22 @@ forward/backward pass is not measured), the time per training step of:
   (``a = b + s * c``) bandwidths.
 
 Every row is first checked against a NumPy EMA of its own parameter
-trajectory (same decay, a few steps), so the table compares like with like.
-Rows are then timed interleaved: each round visits every row (in a rotated
-order), re-initialises its state, runs one untimed step and times ``--steps``
-steps one by one (``block_until_ready`` after each, host transfers disallowed,
-retraces counted). Peak memory comes from a fresh subprocess per row (process
-peak RSS after init and a few steps) and from XLA's compiled memory analysis
-of the step.
+trajectory (same decay, a few steps; at the smallest size by default, at every
+size with ``--check-sizes all``), so the table compares like with like. Rows
+are then timed interleaved: each of ``--rounds`` rounds visits every row (in
+a rotated order), re-initialises its state (so allocation luck is sampled
+too), runs one untimed step and times ``--steps`` steps one by one
+(``block_until_ready`` after each, host transfers disallowed, retraces
+counted). Peak memory comes from a fresh subprocess per row (process peak RSS,
+``VmHWM``, after init and 3 steps; at the largest size by default, see
+``--memory-sizes``) and from XLA's compiled memory analysis of the step, with
+the number of array-sized loops the compiled step runs.
 
 Columns: median ms/step [25th-75th percentile], the EMA overhead over the same
 framework's optimizer alone, that overhead divided by the floor, peak RSS, and
 XLA's argument / output / alias / temp bytes of the compiled step.
 
-Run (``pip install -e .[bench]``; about 8 minutes on a 2-core CPU box)::
+Run (``pip install -e .[bench]``; about 9 minutes on a 2-core CPU box)::
 
   python benchmarks/bench_ema.py                   # full run, writes JSON
   python benchmarks/bench_ema.py --quick           # small smoke configuration
@@ -41,7 +44,8 @@ Run (``pip install -e .[bench]``; about 8 minutes on a 2-core CPU box)::
 
 The JSON (``--out``, default ``benchmarks/results/bench_ema.json``) holds the
 raw samples, the per-row summaries and the machine information; the printed
-table is also written next to it as ``.txt``.
+table is also written next to it as ``.txt`` and as Markdown (``.md``, the
+README's performance tables), with the issue-6 targets evaluated.
 """
 
 from __future__ import annotations
@@ -832,7 +836,12 @@ def time_rows(
 
 def summarize(samples: list[float]) -> dict[str, float]:
   q25, q50, q75 = np.percentile(samples, [25, 50, 75])
-  return {"median_ms": float(q50), "p25_ms": float(q25), "p75_ms": float(q75)}
+  return {
+    "median_ms": float(q50),
+    "p25_ms": float(q25),
+    "p75_ms": float(q75),
+    "min_ms": float(np.min(samples)),
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -850,7 +859,7 @@ def _proc_status_mb(field: str) -> float:
 
 
 def memory_child(row_name: str, sizes: list[str]) -> dict[str, Any]:
-  """In a fresh process: peak RSS after init and 3 steps, and XLA's analysis.
+  """In a fresh process: peak RSS after init and 3 steps.
 
   Sizes run in increasing order, so the process peak after each size is that
   size's peak.
@@ -861,15 +870,10 @@ def memory_child(row_name: str, sizes: list[str]) -> dict[str, Any]:
     runner = row.make(size)
     before = _proc_status_mb("VmRSS")
     state = runner.init()
-    memory = runner.memory(state)
     for _ in range(3):
       state = runner.step(state)
     _block(state)
-    out[size] = {
-      "peak_rss_mb": _proc_status_mb("VmHWM"),
-      "rss_before_init_mb": before,
-      "xla": memory,
-    }
+    out[size] = {"peak_rss_mb": _proc_status_mb("VmHWM"), "rss_before_init_mb": before}
     del state, runner
     gc.collect()
   return out
@@ -982,6 +986,58 @@ def build_table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def build_markdown(report: dict[str, Any]) -> str:
+  """The run as Markdown: the README's performance table and target verdicts."""
+  m = report["machine"]
+  out = [
+    f"Run {report['date_utc']} on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB, "
+    f"{m['device']}), jax {m['versions']['jax']}, optax {m['versions']['optax']}, "
+    f"flax {m['versions']['flax']}, keras {m['versions']['keras']}; load average "
+    f"at start {m['loadavg_at_start'][0]:.2f}; `{report['command']}` "
+    f"({report['wall_s']:.0f} s).",
+  ]
+  for size, block in report["sizes"].items():
+    n = block["num_params"]
+    out += [
+      "",
+      f"**{size}**: {n:,} float32 parameters in {block['num_leaves']} leaves; "
+      f"floor {block['floor_ms']:.3f} ms ({12 * n / block['floor_ms'] / 1e6:.1f} GB/s "
+      f"at 12 B/param); STREAM-like scale {block['scale_gbs']:.1f} GB/s, triad "
+      f"{block['triad_gbs']:.1f} GB/s.",
+      "",
+      "| row | ms/step, median [p25-p75] | EMA overhead ms | overhead / floor "
+      "| peak RSS MiB | XLA arg / out / alias / temp MiB | loops |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in block["rows"].items():
+      over = r.get("overhead_ms")
+      mem = r.get("memory") or {}
+      xla = mem.get("xla") or []
+      tot = {
+        k: sum(x[k] for x in xla) / 2**20
+        for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")
+      }
+      xla_s = (
+        "{argument_bytes:.1f} / {output_bytes:.1f} / {alias_bytes:.1f} / "
+        "{temp_bytes:.1f}".format(**tot)
+        if xla
+        else "-"
+      )
+      calls = r["dispatches_per_step"]
+      cells = [
+        name + (f" ({calls} calls)" if calls > 1 else ""),
+        f"{r['median_ms']:.3f} [{r['p25_ms']:.3f}-{r['p75_ms']:.3f}]",
+        "" if over is None else f"{over:+.3f}",
+        "" if over is None else f"{r['overhead_over_floor']:.2f}x",
+        f"{mem['peak_rss_mb']:.0f}" if "peak_rss_mb" in mem else "-",
+        xla_s,
+        str(sum(x["fusions"] for x in xla)) if xla else "-",
+      ]
+      out.append("| " + " | ".join(cells) + " |")
+  out += ["", "Targets: `" + json.dumps(report["targets"]) + "`"]
+  return "\n".join(out) + "\n"
+
+
 def targets(report: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
   """The issue's targets, evaluated on this run (None where a row is missing)."""
   sizes = report["sizes"]
@@ -1069,6 +1125,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   memory_sizes = (
     args.memory_sizes.split(",") if args.memory_sizes else [max(sizes, key=num_params)]
   )
+  if args.check_sizes == "all":
+    check_sizes = sizes
+  else:
+    check_sizes = (
+      args.check_sizes.split(",") if args.check_sizes else [min(sizes, key=num_params)]
+    )
+  report["config"]["check_sizes"] = check_sizes
+  report["config"]["memory_sizes"] = memory_sizes
   rss: dict[str, Any] = {}
   if not args.no_memory:
     for row in rows:
@@ -1077,16 +1141,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"peak RSS measured in {len(rows)} fresh processes ({elapsed:.0f} s)")
   for size in sizes:
     n = num_params(size)
-    log(f"{size}: {n:,} params in {num_leaves(size)} leaves; checking {len(rows)} rows")
+    what = f"checking {len(rows)} rows" if size in check_sizes else "compiling"
+    log(f"{size}: {n:,} params in {num_leaves(size)} leaves; {what}")
     runners = {row.name: row.make(size) for row in rows}
     checks, xla = [], {}
     for row in rows:
-      checks.append(check_row(row, size, runner=runners[row.name]))
+      if size in check_sizes:
+        checks.append(check_row(row, size, runner=runners[row.name]))
       state = runners[row.name].init()
       xla[row.name] = runners[row.name].memory(state)
       del state
-    log(f"  {size}: checked ({time.perf_counter() - started:.0f} s)")
-    steps = args.steps if args.steps else max(10, min(200, int(2e8 / n)))
+    log(f"  {size}: ready ({time.perf_counter() - started:.0f} s)")
+    steps = args.steps if args.steps else max(5, min(100, int(1e8 / n)))
     timed = time_rows(rows, runners, size, args.rounds, steps, log)
     block: dict[str, Any] = {
       "num_params": n,
@@ -1127,13 +1193,19 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--sizes", default="1M,16M,64M", help=f"comma-separated, of {list(SIZES)}"
   )
-  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=6)
   parser.add_argument(
     "--steps", type=int, default=0, help="timed steps per row per round (0: by size)"
   )
   parser.add_argument("--rows", default="", help="comma-separated row names or groups")
   parser.add_argument(
     "--no-memory", action="store_true", help="skip the subprocess memory runs"
+  )
+  parser.add_argument(
+    "--check-sizes",
+    default="",
+    help="sizes at which every row is checked against NumPy first (default: the "
+    "smallest; 'all' for every size)",
   )
   parser.add_argument(
     "--memory-sizes",
@@ -1175,6 +1247,8 @@ def main(argv: list[str] | None = None) -> None:
       json.dump(report, f, indent=1)
     with open(os.path.splitext(args.out)[0] + ".txt", "w") as f:
       f.write(head + table + "\n")
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+      f.write(build_markdown(report))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,21 @@ class PowerEmaState(NamedTuple):
       keys are static, so the state traces under ``jax.jit`` as usual.
     count: int32 scalar, the number of updates applied so far (saturating);
       the averages cover updates ``1 .. count``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+    >>> state = tx.init(params)
+    >>> print(type(state).__name__, sorted(state.averages))
+    PowerEmaState ['0.05', '0.1']
+    >>> for _ in range(4):
+    ...   updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(int(state.count), f"{state.averages['0.1']['w'][0]:.4f}")
+    4 3.8940
   """
 
   inner_state: optax.OptState
@@ -183,15 +198,8 @@ def power_ema(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, PowerEmaState]:
-    if params is None:
-      raise ValueError(
-        "power_ema needs the current parameters: call "
-        "`tx.update(grads, state, params)`."
-      )
     reference = state.averages[keys[0]]
-    what = "the parameters the state was initialised with"
-    _tree_utils.check_like(reference, params, "params", what)
-    _tree_utils.check_like(reference, updates, "updates", what)
+    _tree_utils.check_update_args("power_ema", reference, params, updates)
     new_updates, inner_state = inner.update(
       updates, state.inner_state, params, **extra_args
     )

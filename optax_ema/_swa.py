@@ -203,16 +203,7 @@ def swa(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, SWAState]:
-    if params is None:
-      raise ValueError(
-        "swa needs the current parameters: call `tx.update(grads, state, params)`."
-      )
-    _tree_utils.check_like(
-      state.average, params, "params", "the parameters the state was initialised with"
-    )
-    _tree_utils.check_like(
-      state.average, updates, "updates", "the parameters the state was initialised with"
-    )
+    _tree_utils.check_update_args("swa", state.average, params, updates)
     new_updates, inner_state = inner.update(
       updates, state.inner_state, params, **extra_args
     )

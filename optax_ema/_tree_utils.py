@@ -121,6 +121,21 @@ def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
       )
 
 
+def check_update_args(caller: str, reference: Any, params: Any, updates: Any) -> None:
+  """The checks every averaging ``update`` makes before touching anything.
+
+  ``params`` must be given, and ``params`` and ``updates`` must have the
+  structure and shapes of ``reference`` (a params-shaped tree of the state).
+  """
+  if params is None:
+    raise ValueError(
+      f"{caller} needs the current parameters: call `tx.update(grads, state, params)`."
+    )
+  what = "the parameters the state was initialised with"
+  check_like(reference, params, "params", what)
+  check_like(reference, updates, "updates", what)
+
+
 def expand_mask(mask: Any, params: Any) -> Any:
   """Broadcasts a bool prefix tree (or a callable of params) to ``params``.
 

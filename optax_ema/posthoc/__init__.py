@@ -62,6 +62,25 @@ sigma_rel_to_gamma = _power_math.sigma_rel_to_gamma
 sigma_rel_to_ema_decay = _power_math.sigma_rel_to_ema_decay
 SIGMA_REL_MAX = _power_math.SIGMA_REL_MAX
 
+__all__ = [
+  "ReconstructionWeights",
+  "Snapshot",
+  "SnapshotWriter",
+  "gamma_to_sigma_rel",
+  "load_snapshot",
+  "load_snapshots",
+  "main",
+  "reconstruct",
+  "reconstruction_weights",
+  "save_snapshot",
+  "sigma_rel_to_ema_decay",
+  "sigma_rel_to_gamma",
+  "snapshot_from_state",
+  "snapshot_path",
+  "solve_weights",
+  "write_snapshot",
+]
+
 FORMAT = "optax_ema.posthoc/1"
 _PREFIX = "power_ema-"
 
@@ -80,6 +99,22 @@ class Snapshot(NamedTuple):
     data: a mapping from the ``avg_{j}_{i}`` / ``val_{i}`` names to arrays
       (an open ``.npz`` file, read lazily, or a dict).
     source: the file it came from, or ``None``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+    >>> state = tx.init(params)
+    >>> for _ in range(4):
+    ...   updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> snap = optax_ema.posthoc.snapshot_from_state(state, dtype=jnp.float32)
+    >>> print(snap.step, snap.sigma_rels, [leaf["name"] for leaf in snap.leaves])
+    4 [0.05 0.1 ] ["['w']"]
+    >>> print([f"{snap.average(j)[0][0]:.4f}" for j in range(2)])
+    ['3.9943', '3.8940']
   """
 
   step: int
@@ -109,6 +144,27 @@ class ReconstructionWeights(NamedTuple):
     fit_error: the relative L2 distance between the target profile and the
       fitted combination of profiles, as functions of time
       (``||p - sum_k c_k p_k|| / ||p||``; 0 is exact).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import optax_ema
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+    >>> state = tx.init(params)
+    >>> snaps = []
+    >>> for step in range(1, 11):
+    ...   updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   if step % 5 == 0:
+    ...     snaps.append(optax_ema.posthoc.snapshot_from_state(state))
+    >>> w = optax_ema.posthoc.reconstruction_weights(snaps, sigma_rel=0.10)
+    >>> print(w.step, w.snapshot_steps, w.snapshot_sigma_rels)
+    10 [ 5  5 10 10] [0.05 0.1  0.05 0.1 ]
+    >>> c = w.coefficients  # the tracked profile at the last step, exactly
+    >>> print(f"{c[3]:.4f}", bool(np.all(np.abs(c[:3]) < 1e-9)), f"{w.fit_error:.1e}")
+    1.0000 True 0.0e+00
   """
 
   step: int
@@ -228,7 +284,21 @@ def snapshot_from_state(opt_state: Any, dtype: Any = np.float16) -> Snapshot:
 
 
 def snapshot_path(directory: PathLike, step: int) -> pathlib.Path:
-  """The file name of the snapshot at ``step`` in ``directory``."""
+  """The file name of the snapshot at ``step`` in ``directory``.
+
+  Args:
+    directory: the snapshot directory.
+    step: the number of updates the snapshot covers.
+
+  Returns:
+    ``directory / "power_ema-{step:010d}.npz"``; the zero padding makes the
+    names sort by step.
+
+  Examples:
+    >>> from optax_ema import posthoc
+    >>> print(posthoc.snapshot_path("ckpt", 1500).as_posix())
+    ckpt/power_ema-0000001500.npz
+  """
   return pathlib.Path(directory) / f"{_PREFIX}{int(step):010d}.npz"
 
 
@@ -238,9 +308,32 @@ def write_snapshot(directory: PathLike, snapshot: Snapshot) -> pathlib.Path:
   The file is written under a temporary name and renamed, so a reader never
   sees a partial snapshot.
 
+  Args:
+    directory: where to write (created if needed).
+    snapshot: the snapshot, e.g. from :func:`snapshot_from_state`.
+
+  Returns:
+    The path of the written file, ``snapshot_path(directory, snapshot.step)``.
+
   Raises:
     ValueError: a stored average is not finite (e.g. it overflows float16:
       save with ``dtype=np.float32``).
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import posthoc
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    >>> snap = posthoc.snapshot_from_state(state)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   path = posthoc.write_snapshot(d, snap)
+    ...   print(path.name, path == posthoc.snapshot_path(d, 1))
+    power_ema-0000000001.npz True
   """
   for name, value in snapshot.data.items():
     if name.startswith("avg_") and not np.all(np.isfinite(value)):
@@ -398,7 +491,36 @@ class SnapshotWriter:
 
 
 def load_snapshot(path: PathLike) -> Snapshot:
-  """Opens one snapshot file (the arrays are read lazily)."""
+  """Opens one snapshot file (the arrays are read lazily).
+
+  Args:
+    path: a file written by :func:`write_snapshot` (or :func:`save_snapshot`,
+      :class:`SnapshotWriter`).
+
+  Returns:
+    A :class:`Snapshot` whose ``data`` is the open ``.npz`` file.
+
+  Raises:
+    ValueError: the file cannot be read or is not a snapshot.
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import posthoc
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0))
+    >>> state = tx.init(params)
+    >>> for _ in range(4):
+    ...   updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   path = posthoc.save_snapshot(d, state, dtype=jnp.float32)
+    ...   snap = posthoc.load_snapshot(path)
+    ...   print(snap.step, snap.sigma_rels, f"{snap.average(1)[0][0]:.4f}")
+    4 [0.05 0.1 ] 3.8940
+  """
   path = pathlib.Path(path)
   try:
     data = np.load(path, allow_pickle=False)
@@ -435,6 +557,24 @@ def load_snapshots(
   Raises:
     ValueError: there are none, a file is not a snapshot, or two snapshots
       store different leaves (shapes or names).
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import posthoc
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0))
+    >>> state = tx.init(params)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   for step in range(1, 7):
+    ...     updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...     params = optax.apply_updates(params, updates)
+    ...     if step % 2 == 0:
+    ...       _ = posthoc.save_snapshot(d, state)
+    ...   print([snap.step for snap in posthoc.load_snapshots(d)])
+    [2, 4, 6]
   """
   if isinstance(snapshots, (str, os.PathLike)):
     directory = pathlib.Path(snapshots)
@@ -580,6 +720,26 @@ def reconstruction_weights(
     ValueError: no snapshots; fewer than two distinct tracked ``sigma_rel``;
       ``sigma_rel`` outside the solvable range; ``step`` before the first
       snapshot or after the last; mismatched snapshot trees.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import posthoc
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+    >>> state = tx.init(params)
+    >>> snaps = []
+    >>> for step in range(1, 41):
+    ...   updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   if step % 20 == 0:
+    ...     snaps.append(posthoc.snapshot_from_state(state))
+    >>> w = posthoc.reconstruction_weights(snaps, sigma_rel=0.07)
+    >>> print(w.step, w.snapshot_steps, w.snapshot_sigma_rels)
+    40 [20 20 40 40] [0.05 0.1  0.05 0.1 ]
+    >>> print([f"{c:.3f}" for c in w.coefficients], f"{w.fit_error:.1e}")
+    ['0.000', '-0.002', '0.454', '0.582'] 4.4e-02
   """
   snaps = load_snapshots(snapshots)
   return _weights(snaps, sigma_rel, step)
@@ -794,8 +954,46 @@ def main(argv: Sequence[str] | None = None) -> int:
   one entry per leaf, named by its path (e.g. ``['layer']['w']``), plus
   ``__step__`` and ``__sigma_rel__``.
 
+  Args:
+    argv: the arguments (default: ``sys.argv[1:]``): ``--snapshots DIR``,
+      ``--sigma-rel FLOAT``, ``--out FILE`` and optionally ``--step INT``
+      (default: the last snapshot's step).
+
   Returns:
     The exit status (0 on success, 2 on bad input).
+
+  Examples:
+    >>> import pathlib
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import posthoc
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+    >>> state = tx.init(params)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   for step in range(1, 41):
+    ...     updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...     params = optax.apply_updates(params, updates)
+    ...     if step % 20 == 0:
+    ...       _ = posthoc.save_snapshot(d, state)
+    ...   out = pathlib.Path(d) / "ema.npz"
+    ...   status = posthoc.main(
+    ...     ["--snapshots", d, "--sigma-rel", "0.07", "--out", str(out)]
+    ...   )
+    ...   with np.load(out) as f:
+    ...     print(status, f["__step__"], f"{f['__sigma_rel__']:.2f}")
+    target: sigma_rel=0.07 at step 40
+            step  sigma_rel     coefficient
+              20     0.0500    9.18...e-05
+              20     0.1000   -2.25...e-03
+              40     0.0500    4.54...e-01
+              40     0.1000    5.82...e-01
+    fit error (relative L2 of the profile): 4.395e-02
+    wrote 1 arrays to ...ema.npz
+    0 40 0.07
   """
   parser = argparse.ArgumentParser(
     prog="python -m optax_ema.posthoc",
