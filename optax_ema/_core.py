@@ -82,7 +82,14 @@ def check_decay(value: Any, name: str = "average_decay") -> None:
       raise ValueError(
         f"`{name}` must be a scalar, got an array of shape {value.shape}."
       )
-    return  # possibly traced (optax.inject_hyperparams): checked by the caller
+    if jnp.issubdtype(value.dtype, jnp.bool_):
+      raise TypeError(f"`{name}` must be a real number, got the bool {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+      return  # traced (optax.inject_hyperparams): its value is not known here
+    as_float = float(value)
+    if math.isnan(as_float) or not 0.0 <= as_float <= 1.0:
+      raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+    return
   raise TypeError(
     f"`{name}` must be a float in [0, 1] or a schedule `count -> decay`, got "
     f"{type(value).__name__}: {value!r}."
@@ -99,7 +106,11 @@ def _check_count_arg(value: Any, name: str, allow_none: bool) -> None:
       raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
     return
   if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
-    return  # e.g. traced by optax.inject_hyperparams
+    if value.ndim != 0:
+      raise ValueError(f"`{name}` must be a scalar, got shape {value.shape}.")
+    if not isinstance(value, jax.core.Tracer) and int(value) < 0:
+      raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+    return  # a traced value (optax.inject_hyperparams) is not known here
   expected = "None or a non-negative int" if allow_none else "a non-negative int"
   raise TypeError(
     f"`{name}` must be {expected}, got {type(value).__name__}: {value!r}."
@@ -229,24 +240,33 @@ def average_op(
   """
   check_decay(decay, "decay")
   _tree_utils.check_like(average_var, var, "var", "`average_var`")
-  return jax.tree.map(
-    lambda a, v: a if _tree_utils.is_none_or_masked(a) else ema_leaf(a, v, decay),
-    average_var,
-    var,
-    is_leaf=_tree_utils.is_none_or_masked,
-  )
+
+  def leaf(a: Any, v: Any) -> Any:
+    if _tree_utils.is_none_or_masked(a):
+      return a
+    a = jnp.asarray(a)
+    if not _tree_utils.is_float(a):
+      raise TypeError(
+        "`average_var` leaves must be floating point (an integer average "
+        f"would truncate), got dtype {a.dtype}."
+      )
+    return ema_leaf(a, v, decay)
+
+  return jax.tree.map(leaf, average_var, var, is_leaf=_tree_utils.is_none_or_masked)
 
 
 def _init_average(params: optax.Params, mask: Any, ema_dtype: Any) -> Any:
   def init_leaf(p: Any) -> Any:
     if _tree_utils.is_float(p):
       dtype = _tree_utils.default_ema_dtype(jnp.asarray(p).dtype, ema_dtype)
-      return jnp.array(p, dtype=dtype, copy=True)
+      return jnp.array(p, dtype=dtype, copy=True)  # explicit: never weak
     if _tree_utils.is_key(p):
       return jax.random.wrap_key_data(
         jnp.array(jax.random.key_data(p), copy=True), impl=jax.random.key_impl(p)
       )
-    return jnp.array(p, copy=True)
+    # An explicit dtype: a Python scalar leaf would otherwise be stored
+    # weakly typed and change type (and retrace) after the first update.
+    return jnp.array(p, dtype=jnp.asarray(p).dtype, copy=True)
 
   full_mask = _tree_utils.expand_mask(mask, params)
   return _tree_utils.map_selected(init_leaf, full_mask, params)
@@ -396,12 +416,22 @@ class Averages:
       if which in self.keys:
         return self.keys.index(which)
     elif isinstance(which, (int, np.integer)) and not isinstance(which, bool):
-      if 0 <= int(which) < len(self.averages):
-        return int(which)
+      if -len(self.averages) <= int(which) < len(self.averages):
+        return int(which) % len(self.averages)
     elif _is_python_number(which) or isinstance(which, np.floating):
-      matches = [i for i, d in enumerate(self.decays) if d == float(which)]
+      # Compare as float32 values: that is how the decay is applied.
+      matches = [
+        i
+        for i, d in enumerate(self.decays)
+        if d is not None and np.float32(d) == np.float32(which)
+      ]
       if len(matches) == 1:
         return matches[0]
+      if len(matches) > 1:
+        raise ValueError(
+          f"`which`={which!r} matches {len(matches)} averages with that decay; "
+          f"pick one by position or key: {self.choices()}."
+        )
     raise ValueError(
       f"`which`={which!r} picks none of the {len(self.averages)} averages in "
       f"this state; choose one of: {self.choices()}."
@@ -906,17 +936,10 @@ def moving_average(
     With float16/bfloat16 parameters, keep the default float32 accumulator: a
     bfloat16 average with decay 0.999 rounds every step back to where it was.
   """
-  # optax.inject_hyperparams binds every parameter by name, the catch-all
-  # included: it arrives as `optimizer_kwargs={...}`.
-  nested = optimizer_kwargs.pop("optimizer_kwargs", None)
-  if isinstance(nested, dict):
-    optimizer_kwargs = {**nested, **optimizer_kwargs}
-  elif nested is not None:
-    optimizer_kwargs["optimizer_kwargs"] = nested
   optimizer = _optimizers.resolve_optimizer(
     optimizer, optimizer_kwargs, "moving_average"
   )
-  # Validates the decay(s) before the other arguments, as before.
+  # The decay(s) are validated before the other arguments.
   decays, keys, several = _decay_specs(average_decay)
   for name, value in (
     ("sequential_update", sequential_update),
@@ -930,7 +953,7 @@ def moving_average(
   _check_count_arg(num_updates, "num_updates", allow_none=True)
   _check_count_arg(start_step, "start_step", allow_none=False)
   _check_ema_dtype(ema_dtype)
-  if mask is not None and not callable(mask) and isinstance(mask, (str, bytes)):
+  if isinstance(mask, (str, bytes)):
     raise TypeError(f"`mask` must be a pytree of bools or a callable, got {mask!r}.")
   for name, value in (("debias", debias), ("stochastic_rounding", stochastic_rounding)):
     if not isinstance(value, (bool, np.bool_)):
@@ -978,8 +1001,8 @@ def moving_average(
     update_every=int(update_every),
     stochastic_rounding=bool(stochastic_rounding),
   )
-  # The TFA path (one constant decay or schedule, none of the extras) is the
-  # code as it always was; anything else goes through the general pass.
+  # The TFA path (one constant decay or schedule, none of the extras) keeps
+  # the plain average tree; anything else goes through the general pass.
   advanced = (
     several
     or isinstance(decays[0], PerLeafDecay)

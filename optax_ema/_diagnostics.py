@@ -105,6 +105,11 @@ def diagnostics(
     >>> print(f"{stats['drift']:.4f}")
     1.2728
   """
+  if params is None:
+    raise ValueError(
+      "`diagnostics` needs the current parameters (for the drift): call "
+      "`diagnostics(opt_state, params)`."
+    )
   state = _averaged.find_average_state(opt_state, caller="diagnostics")
   reader = _averaged._READERS[type(state)]
   count = jnp.asarray(getattr(state, "count", jnp.zeros([], jnp.int32)))
@@ -130,7 +135,9 @@ def diagnostics(
       raise TypeError(
         "`tx` must be the transformation returned by optax_ema.moving_average "
         f"(it carries the decay configuration), got {type(tx).__name__}; pass "
-        "that one, not a chain around it."
+        "that one, not a chain around it (a transformation built by "
+        "optax.inject_hyperparams has none: read the decay from its "
+        "`hyperparams` instead)."
       )
     if len(config.decays) != (len(average) if several else 1):
       raise ValueError(

@@ -71,7 +71,7 @@ def _check_sigma_rels(sigma_rels: Any) -> tuple[float, ...]:
   if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence):
     raise TypeError(
       "`sigma_rels` must be a sequence of floats in "
-      f"(0, {_power_math.SIGMA_REL_MAX:.4f}], got {sigma_rels!r}."
+      f"(0, {_power_math.SIGMA_REL_MAX:.6f}], got {sigma_rels!r}."
     )
   if not sigma_rels:
     raise ValueError("`sigma_rels` must hold at least one value, got ().")
@@ -82,7 +82,7 @@ def _check_sigma_rels(sigma_rels: Any) -> tuple[float, ...]:
     s = float(s)
     if math.isnan(s) or not 0.0 < s <= _power_math.SIGMA_REL_MAX:
       raise ValueError(
-        f"`sigma_rels` values must be in (0, {_power_math.SIGMA_REL_MAX:.4f}] "
+        f"`sigma_rels` values must be in (0, {_power_math.SIGMA_REL_MAX:.6f}] "
         f"(the widest power-function profile), got {s!r} in {sigma_rels!r}."
       )
     out.append(s)
@@ -134,7 +134,7 @@ def power_ema(
   Args:
     optimizer: the optax transformation to wrap, or the name of an optax
       optimizer, as for :func:`optax_ema.moving_average`.
-    sigma_rels: the profile widths to track, each in ``(0, 0.3003]``
+    sigma_rels: the profile widths to track, each in ``(0, 0.30028]``
       (EDM2 tracks 0.05 and 0.10). Stored in increasing order.
     ema_dtype: accumulator dtype for floating point leaves. ``None`` keeps
       float32/float64 leaves in their own dtype and accumulates float16 and
@@ -180,7 +180,7 @@ def power_ema(
   gammas = tuple(_power_math.sigma_rel_to_gamma(s) for s in sigmas)
   keys = tuple(sigma_rel_key(s) for s in sigmas)
   _core._check_ema_dtype(ema_dtype)
-  if mask is not None and not callable(mask) and isinstance(mask, (str, bytes)):
+  if isinstance(mask, (str, bytes)):
     raise TypeError(f"`mask` must be a pytree of bools or a callable, got {mask!r}.")
 
   inner = optax.with_extra_args_support(optimizer)

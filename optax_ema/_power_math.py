@@ -123,7 +123,7 @@ def sigma_rel_to_gamma(sigma_rel: jax.typing.ArrayLike) -> Any:
     s = np.asarray(sigma_rel, dtype=np.float64)
     if np.any(~((s > 0.0) & (s <= SIGMA_REL_MAX * (1 + 1e-12)))):
       raise ValueError(
-        f"`sigma_rel` must be in (0, {SIGMA_REL_MAX:.4f}] (the widest "
+        f"`sigma_rel` must be in (0, {SIGMA_REL_MAX:.6f}] (the widest "
         f"power-function profile), got {sigma_rel!r}."
       )
   xp = _xp(sigma_rel)

@@ -50,7 +50,9 @@ def _check_int(value: Any, name: str, minimum: int) -> None:
     and value.ndim == 0
     and jnp.issubdtype(value.dtype, jnp.integer)
   ):
-    return  # e.g. traced by optax.inject_hyperparams
+    if not isinstance(value, jax.core.Tracer) and int(value) < minimum:
+      raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    return  # a traced value (optax.inject_hyperparams) is not known here
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r}.")
   if value < minimum:
@@ -88,7 +90,7 @@ def swa_leaf(
   dtype = average.dtype
   compute = jnp.promote_types(dtype, jnp.float32)
   a = average.astype(compute)
-  v = jnp.asarray(value).astype(compute)
+  v = _core.upcast_value(value, compute)
   kf = k.astype(compute)
   snapshot = (a * kf + v) / (kf + 1)
   new = jnp.where(before_start, v, jnp.where(is_snapshot, snapshot, a))

@@ -284,7 +284,7 @@ def power(gamma: float | None = None, sigma_rel: float | None = None) -> Schedul
   Args:
     gamma: the exponent, > -1.
     sigma_rel: the relative standard deviation of the profile, in
-      (0, 0.3003].
+      (0, 0.30028].
 
   Returns:
     A schedule ``count -> decay`` (float32).

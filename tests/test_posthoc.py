@@ -317,7 +317,7 @@ def test_one_profile_only_is_an_error(tmp_path):
 @pytest.mark.parametrize("sigma_rel", [0.0, -0.05, 0.31, float("nan")])
 def test_sigma_rel_outside_solvable_range_is_an_error(tmp_path, sigma_rel):
   _small_run(tmp_path, {"w": jnp.zeros(3)})
-  with pytest.raises(ValueError, match=r"`sigma_rel` must be in \(0, 0.3003\]"):
+  with pytest.raises(ValueError, match=r"`sigma_rel` must be in \(0, 0.300283\]"):
     posthoc.reconstruct(tmp_path, sigma_rel)
 
 

@@ -239,7 +239,7 @@ def test_extra_args_are_forwarded_and_unknown_ones_ignored():
   "sigma_rels,error,match",
   [
     ((), ValueError, "at least one"),
-    ((0.05, 0.4), ValueError, r"`sigma_rels` values must be in \(0, 0.3003\]"),
+    ((0.05, 0.4), ValueError, r"`sigma_rels` values must be in \(0, 0.300283\]"),
     ((0.0,), ValueError, "`sigma_rels` values must be in"),
     ((0.05, 0.05), ValueError, "must not repeat"),
     ("0.05", TypeError, "`sigma_rels` must be a sequence"),

@@ -153,6 +153,11 @@ def test_skipped_steps_touch_no_average_memory_in_the_compiled_step():
   assert any(k - trivial for k in kinds), kinds
   # And the average is an input/output alias of the step (no copy of it).
   assert "input_output_alias" in text
+  # Nothing parameter-sized is copied into the conditional: the step needs no
+  # temporary buffer of the parameters' size (passing params and updates as
+  # cond operands used to cost two).
+  param_bytes = 64 * 32 * 4
+  assert compiled.memory_analysis().temp_size_in_bytes < param_bytes // 4
 
 
 def test_update_every_with_debias_and_several_decays_matches_numpy():

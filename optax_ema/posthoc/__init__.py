@@ -710,7 +710,7 @@ def reconstruction_weights(
 
   Args:
     snapshots: as for :func:`load_snapshots`.
-    sigma_rel: the target width, in ``(0, 0.3003]``.
+    sigma_rel: the target width, in ``(0, 0.30028]``.
     step: the step the target average ends at (default: the last snapshot's).
 
   Returns:
@@ -753,7 +753,7 @@ def _weights(snaps: list[Snapshot], sigma_rel: Any, step: Any) -> Reconstruction
   sigma_rel = float(sigma_rel)
   if math.isnan(sigma_rel) or not 0.0 < sigma_rel <= _power_math.SIGMA_REL_MAX:
     raise ValueError(
-      f"`sigma_rel` must be in (0, {_power_math.SIGMA_REL_MAX:.4f}] (the widest "
+      f"`sigma_rel` must be in (0, {_power_math.SIGMA_REL_MAX:.6f}] (the widest "
       f"power-function profile), got {sigma_rel!r}."
     )
   tracked = sorted({float(s) for snap in snaps for s in snap.sigma_rels})
@@ -835,7 +835,7 @@ def reconstruct(
   Args:
     snapshots: a directory of snapshot files, a list of files, or
       :class:`Snapshot` objects.
-    sigma_rel: the target width, in ``(0, 0.3003]``.
+    sigma_rel: the target width, in ``(0, 0.30028]``.
     step: the step the target average ends at (default: the last snapshot).
     like: optional parameters tree. When given, the result has its structure
       and dtypes, and leaves the snapshots do not store (masked out, ``None``,
