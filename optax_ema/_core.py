@@ -281,21 +281,51 @@ def _latest_value(p: Any, u: Any) -> Any:
   return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
 
+def latest_values(reference: Any, params: Any, updates: Any, sequential: bool) -> Any:
+  """The values the averages move towards, leaf by leaf (``None`` where unused).
+
+  ``params + updates`` as ``optax.apply_updates`` forms them (``sequential``)
+  or ``params``; ``None`` where ``reference`` holds no average.
+  """
+
+  def leaf(a: Any, p: Any, u: Any) -> Any:
+    if _tree_utils.is_none_or_masked(a):
+      return None
+    return _latest_value(p, u) if sequential else p
+
+  return jax.tree.map(
+    leaf, reference, params, updates, is_leaf=_tree_utils.is_none_or_masked
+  )
+
+
+def step_leaf(
+  average: Any, value: Any, float_step: Callable[[jax.Array, Any], jax.Array]
+) -> Any:
+  """One leaf of any averaging step of this package.
+
+  ``None`` and masked-out leaves stay as they are; floating point leaves
+  become ``float_step(average, value)``; other leaves (ints, bools, PRNG
+  keys) are not averaged and take the latest ``value``, in their dtype.
+  """
+  if _tree_utils.is_none_or_masked(average):
+    return average
+  if _tree_utils.is_float(average):
+    return float_step(average, value)
+  if _tree_utils.is_key(average):
+    return value
+  return jnp.asarray(value).astype(average.dtype)
+
+
 def new_average(
   average: Any, params: Any, updates: Any, decay: jax.Array, sequential: bool
 ) -> Any:
   """Advances every leaf of ``average`` by one step towards the parameters."""
-
-  def leaf(a: Any, p: Any, u: Any) -> Any:
-    if _tree_utils.is_none_or_masked(a):
-      return a
-    value = _latest_value(p, u) if sequential else p
-    if _tree_utils.is_float(a):
-      return ema_leaf(a, value, decay)
-    return jnp.asarray(value).astype(a.dtype) if not _tree_utils.is_key(a) else value
-
+  values = latest_values(average, params, updates, sequential)
   return jax.tree.map(
-    leaf, average, params, updates, is_leaf=_tree_utils.is_none_or_masked
+    lambda a, v: step_leaf(a, v, lambda a, v: ema_leaf(a, v, decay)),
+    average,
+    values,
+    is_leaf=_tree_utils.is_none_or_masked,
   )
 
 
@@ -711,23 +741,6 @@ def _next_weight(weight: jax.Array, decay: Any) -> jax.Array:
   return weight - (weight - 1.0) * (1.0 - d)
 
 
-def latest_values(reference: Any, params: Any, updates: Any, sequential: bool) -> Any:
-  """The values the averages move towards, leaf by leaf (``None`` where unused).
-
-  ``params + updates`` as ``optax.apply_updates`` forms them (``sequential``)
-  or ``params``; ``None`` where ``reference`` holds no average.
-  """
-
-  def leaf(a: Any, p: Any, u: Any) -> Any:
-    if _tree_utils.is_none_or_masked(a):
-      return None
-    return _latest_value(p, u) if sequential else p
-
-  return jax.tree.map(
-    leaf, reference, params, updates, is_leaf=_tree_utils.is_none_or_masked
-  )
-
-
 def advanced_new_average(
   config: _Config, average: Any, values: Any, count: jax.Array
 ) -> Any:
@@ -755,24 +768,26 @@ def advanced_new_average(
     decays.append(d)
 
   new_leaves: list[list[Any]] = [[] for _ in trees]
+
+  def float_step(a: jax.Array, value: Any, decay: Any, i: int, j: int) -> jax.Array:
+    if config.stochastic_rounding and a.dtype == jnp.bfloat16:
+      compute = jnp.float32
+      af = a.astype(compute)
+      df = jnp.asarray(decay).astype(compute)
+      exact = af - (af - upcast_value(value, compute)) * (1 - df)
+      bits = rounding_bits(exact.shape, rounding_seed(count, i, j))
+      return round_stochastic_bf16(exact, bits)
+    return ema_leaf(a, value, decay)
+
   for i, value in enumerate(value_leaves):
     for j in range(len(trees)):
-      a = avg_leaves[j][i]
-      if _tree_utils.is_none_or_masked(a):
-        new_leaves[j].append(a)
-        continue
-      if not _tree_utils.is_float(a):
-        new = value if _tree_utils.is_key(a) else jnp.asarray(value).astype(a.dtype)
-      elif config.stochastic_rounding and a.dtype == jnp.bfloat16:
-        compute = jnp.float32
-        af = a.astype(compute)
-        df = jnp.asarray(decays[j][i]).astype(compute)
-        exact = af - (af - upcast_value(value, compute)) * (1 - df)
-        bits = rounding_bits(exact.shape, rounding_seed(count, i, j))
-        new = round_stochastic_bf16(exact, bits)
-      else:
-        new = ema_leaf(a, value, decays[j][i])
-      new_leaves[j].append(new)
+      new_leaves[j].append(
+        step_leaf(
+          avg_leaves[j][i],
+          value,
+          lambda a, v, i=i, j=j: float_step(a, v, decays[j][i], i, j),
+        )
+      )
 
   out = []
   for j, slot in enumerate(slots):

@@ -206,26 +206,18 @@ def power_ema(
     weights = [_power_math.power_weight(state.count, g) for g in gammas]
     treedef = jax.tree.structure(reference, is_leaf=_tree_utils.is_none_or_masked)
     avg_leaves = [treedef.flatten_up_to(state.averages[k]) for k in keys]
-    param_leaves = treedef.flatten_up_to(params)
-    update_leaves = treedef.flatten_up_to(new_updates)
+    values = _core.latest_values(reference, params, new_updates, True)
+    value_leaves = treedef.flatten_up_to(values)
     new_leaves: list[list[Any]] = [[] for _ in keys]
     # One pass over the leaves: each new parameter value is read once and
     # folded into every profile's average.
-    for i, (p, u) in enumerate(zip(param_leaves, update_leaves, strict=True)):
-      first = avg_leaves[0][i]
-      if _tree_utils.is_none_or_masked(first):
-        for out in new_leaves:
-          out.append(first)
-        continue
-      value = _core._latest_value(p, u)
+    for i, value in enumerate(value_leaves):
       for j, out in enumerate(new_leaves):
-        a = avg_leaves[j][i]
-        if _tree_utils.is_float(a):
-          out.append(_power_leaf(a, value, weights[j]))
-        elif _tree_utils.is_key(a):
-          out.append(value)
-        else:
-          out.append(jnp.asarray(value).astype(a.dtype))
+        out.append(
+          _core.step_leaf(
+            avg_leaves[j][i], value, lambda a, v, w=weights[j]: _power_leaf(a, v, w)
+          )
+        )
     averages = {k: treedef.unflatten(new_leaves[j]) for j, k in enumerate(keys)}
     count = optax.safe_increment(state.count)
     return new_updates, PowerEmaState(inner_state, averages, count)

@@ -109,11 +109,11 @@ def swa_average_op(
   _tree_utils.check_like(average_var, var, "var", "`average_var`")
 
   def leaf(a: Any, v: Any) -> Any:
-    if _tree_utils.is_none_or_masked(a):
-      return a
-    if not _tree_utils.is_float(a):
-      return jnp.asarray(v).astype(jnp.asarray(a).dtype)
-    return swa_leaf(jnp.asarray(a), v, before_start, is_snapshot, k)
+    if not _tree_utils.is_none_or_masked(a):
+      a = jnp.asarray(a)
+    return _core.step_leaf(
+      a, v, lambda a, v: swa_leaf(a, v, before_start, is_snapshot, k)
+    )
 
   return jax.tree.map(leaf, average_var, var, is_leaf=_tree_utils.is_none_or_masked)
 
@@ -213,16 +213,14 @@ def swa(
       state.count, start_averaging, average_period
     )
 
-    def leaf(a: Any, p: Any, u: Any) -> Any:
-      if _tree_utils.is_none_or_masked(a):
-        return a
-      value = _core._latest_value(p, u)
-      if not _tree_utils.is_float(a):
-        return value if _tree_utils.is_key(a) else jnp.asarray(value).astype(a.dtype)
-      return swa_leaf(a, value, before_start, is_snapshot, k)
-
+    values = _core.latest_values(state.average, params, new_updates, True)
     average = jax.tree.map(
-      leaf, state.average, params, new_updates, is_leaf=_tree_utils.is_none_or_masked
+      lambda a, v: _core.step_leaf(
+        a, v, lambda a, v: swa_leaf(a, v, before_start, is_snapshot, k)
+      ),
+      state.average,
+      values,
+      is_leaf=_tree_utils.is_none_or_masked,
     )
     return new_updates, SWAState(
       inner_state, average, optax.safe_increment(state.count)
