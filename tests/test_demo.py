@@ -83,12 +83,27 @@ def test_averaged_params_beat_raw_params_at_the_end_on_defaults():
   assert history.steps[0] == 0
   assert history.avg_acc[0] == history.raw_acc[0]
   assert history.avg_loss[0] == pytest.approx(history.raw_loss[0], rel=1e-6)
-  # The committed table (and the README's copy of it) is what this run prints.
+  # The committed table (and the README's copy of it) is what this run
+  # prints: the same rows, and numbers equal up to what another CPU's
+  # floating point could move over 3000 steps.
   table = demo.format_table(history, _default_args())
   committed = (ROOT / "docs" / "demo_table.txt").read_text(encoding="utf-8")
-  assert table.strip() == committed.strip()
   readme = (ROOT / "README.md").read_text(encoding="utf-8")
-  assert table.strip() in readme
+  assert committed.strip() in readme
+
+  def rows(text):
+    return [
+      [float(x.rstrip("%")) for x in line.split()]
+      for line in text.splitlines()
+      if line.strip() and line.split()[0].isdigit()
+    ]
+
+  fresh, saved = rows(table), rows(committed)
+  assert len(fresh) == len(saved) >= 5
+  for got, want in zip(fresh, saved, strict=True):
+    assert got[:2] == want[:2]  # step and decay
+    assert got[2:4] == pytest.approx(want[2:4], abs=1.5)  # accuracies, points
+    assert got[4:6] == pytest.approx(want[4:6], abs=0.05)  # losses
 
 
 def test_decay_column_follows_dynamic_decay_formula():
