@@ -96,25 +96,27 @@ def check_decay(value: Any, name: str = "average_decay") -> None:
   )
 
 
-def _check_count_arg(value: Any, name: str, allow_none: bool) -> None:
+def check_int(
+  value: Any, name: str, minimum: int = 0, allow_none: bool = False
+) -> None:
+  """Validates an int hyperparameter; traced integer scalars pass through."""
   if value is None and allow_none:
     return
-  if isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"`{name}` must be a non-negative int, got the bool {value!r}.")
-  if isinstance(value, (int, np.integer)):
-    if value < 0:
-      raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
-    return
+  expected = f"an int >= {minimum}"
+  if allow_none:
+    expected = f"None or {expected}"
   if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
     if value.ndim != 0:
       raise ValueError(f"`{name}` must be a scalar, got shape {value.shape}.")
-    if not isinstance(value, jax.core.Tracer) and int(value) < 0:
-      raise ValueError(f"`{name}` must be a non-negative int, got {value!r}.")
+    if not isinstance(value, jax.core.Tracer) and int(value) < minimum:
+      raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
     return  # a traced value (optax.inject_hyperparams) is not known here
-  expected = "None or a non-negative int" if allow_none else "a non-negative int"
-  raise TypeError(
-    f"`{name}` must be {expected}, got {type(value).__name__}: {value!r}."
-  )
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(
+      f"`{name}` must be {expected}, got {type(value).__name__}: {value!r}."
+    )
+  if value < minimum:
+    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
 
 
 def _check_ema_dtype(ema_dtype: Any) -> None:
@@ -965,8 +967,8 @@ def moving_average(
       raise TypeError(
         f"`{name}` must be a bool, got {type(value).__name__}: {value!r}."
       )
-  _check_count_arg(num_updates, "num_updates", allow_none=True)
-  _check_count_arg(start_step, "start_step", allow_none=False)
+  check_int(num_updates, "num_updates", allow_none=True)
+  check_int(start_step, "start_step")
   _check_ema_dtype(ema_dtype)
   if isinstance(mask, (str, bytes)):
     raise TypeError(f"`mask` must be a pytree of bools or a callable, got {mask!r}.")

@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_ema import _averaged
@@ -42,21 +41,6 @@ class SWAState(NamedTuple):
   inner_state: optax.OptState
   average: optax.Params
   count: jax.Array
-
-
-def _check_int(value: Any, name: str, minimum: int) -> None:
-  if (
-    isinstance(value, jax.Array)
-    and value.ndim == 0
-    and jnp.issubdtype(value.dtype, jnp.integer)
-  ):
-    if not isinstance(value, jax.core.Tracer) and int(value) < minimum:
-      raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return  # a traced value (optax.inject_hyperparams) is not known here
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"`{name}` must be an int, got {type(value).__name__}: {value!r}.")
-  if value < minimum:
-    raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
 def swa_schedule(
@@ -188,8 +172,8 @@ def swa(
     float16/bfloat16 parameters are averaged in float32.
   """
   optimizer = _optimizers.resolve_optimizer(optimizer, optimizer_kwargs, "swa")
-  _check_int(start_averaging, "start_averaging", 0)
-  _check_int(average_period, "average_period", 1)
+  _core.check_int(start_averaging, "start_averaging", 0)
+  _core.check_int(average_period, "average_period", 1)
   inner = optax.with_extra_args_support(optimizer)
 
   def init_fn(params: optax.Params) -> SWAState:
