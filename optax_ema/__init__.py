@@ -9,25 +9,26 @@ exponential moving average of the parameters, read back with
 
 from optax_ema import posthoc
 from optax_ema import schedules
-from optax_ema._averaged import averaged_params
-from optax_ema._compat import SWA
-from optax_ema._compat import MovingAverage
-from optax_ema._core import Averages
-from optax_ema._core import DebiasedAverage
-from optax_ema._core import MovingAverageState
-from optax_ema._core import average_op
-from optax_ema._core import moving_average
+from optax_ema._average_op import average_op
+from optax_ema._averages import Averages
+from optax_ema._averages import DebiasedAverage
 from optax_ema._diagnostics import diagnostics
 from optax_ema._flax import averaged_nnx_model
 from optax_ema._flax import averaged_nnx_state
 from optax_ema._flax import averaged_train_state
-from optax_ema._power import PowerEmaState
-from optax_ema._power import power_ema
+from optax_ema._moving_average import MovingAverageState
+from optax_ema._power_ema import PowerEmaState
+from optax_ema._reading import averaged_params
 from optax_ema._resume import resume_with_average
 from optax_ema._swa import SWAState
-from optax_ema._swa import swa
+from optax_ema._upgrade import upgrade_state
+from optax_ema.compat import SWA
+from optax_ema.compat import MovingAverage
+from optax_ema.compat import moving_average
+from optax_ema.compat import power_ema
+from optax_ema.compat import swa
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
   "SWA",
@@ -49,4 +50,5 @@ __all__ = [
   "resume_with_average",
   "schedules",
   "swa",
+  "upgrade_state",
 ]

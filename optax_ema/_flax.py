@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from optax_ema import _averaged
+from optax_ema import _reading
 
 _FLAX_HINT = (
   "requires Flax, which is not installed: `pip install flax` "
@@ -85,11 +85,11 @@ def averaged_train_state(state: Any, *, which: Any = None) -> Any:
       f"`replace`), got {type(state).__name__} without "
       f"{', '.join(f'`{m}`' for m in missing)}."
     )
-  found = _averaged.find_average_states(state.opt_state)
+  found = _reading.find_average_states(state.opt_state)
   if len(found) != 1:
     # Let averaged_params raise its precise message, naming the state field.
-    _averaged.find_average_state(state.opt_state, caller="averaged_train_state")
-  averaged = _averaged.averaged_params(state.opt_state, state.params, which=which)
+    _reading.find_average_state(state.opt_state, caller="averaged_train_state")
+  averaged = _reading.averaged_params(state.opt_state, state.params, which=which)
   return state.replace(params=averaged)
 
 
@@ -141,10 +141,10 @@ def averaged_nnx_state(model: Any, optimizer: Any, *, which: Any = None) -> Any:
   graph = getattr(optimizer, "graph", None)
   params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
   opt_state = nnx.as_pure(optimizer.opt_state)
-  found = _averaged.find_average_states(opt_state)
+  found = _reading.find_average_states(opt_state)
   if len(found) != 1:
-    _averaged.find_average_state(opt_state, caller="averaged_nnx_state")
-  return _averaged.averaged_params(opt_state, params, which=which)
+    _reading.find_average_state(opt_state, caller="averaged_nnx_state")
+  return _reading.averaged_params(opt_state, params, which=which)
 
 
 def averaged_nnx_model(model: Any, optimizer: Any, *, which: Any = None) -> Any:

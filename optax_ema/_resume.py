@@ -7,12 +7,8 @@ from typing import Any
 import jax
 import optax
 
-from optax_ema import _core
+from optax_ema import _reading
 from optax_ema import _tree_utils
-
-
-def _is_ma_state(x: Any) -> bool:
-  return isinstance(x, _core.MovingAverageState)
 
 
 def _same_structure(a: Any, b: Any) -> bool:
@@ -97,35 +93,42 @@ def resume_with_average(
   """
   fresh = tx.init(params)
   found = [
-    leaf for leaf in jax.tree.leaves(fresh, is_leaf=_is_ma_state) if _is_ma_state(leaf)
+    leaf
+    for leaf in jax.tree.leaves(fresh, is_leaf=_reading.is_average_state)
+    if _reading.is_average_state(leaf)
   ]
   if len(found) != 1:
     raise ValueError(
-      f"`tx` must hold exactly one optax_ema.moving_average state, found "
+      "`tx` must hold exactly one optax_ema.moving_average (or power_ema, "
+      f"swa) state, found "
       f"{len(found)} in its state (a {type(fresh).__name__})."
     )
 
   # The old optimizer's state: tx's state without the moving-average wrapper.
   stripped = jax.tree.map(
-    lambda x: x.inner_state if _is_ma_state(x) else x, fresh, is_leaf=_is_ma_state
+    lambda x: x.inner_state if _reading.is_average_state(x) else x,
+    fresh,
+    is_leaf=_reading.is_average_state,
   )
   if _same_structure(stripped, inner_state):
     _check_leaves(stripped, inner_state)
     # MovingAverageState nodes are leaves here: the restored tree matches up
     # to them, and holds the wrapped optimizer's state at their place.
     return jax.tree.map(
-      lambda x, r: x._replace(inner_state=r) if _is_ma_state(x) else r,
+      lambda x, r: x._replace(inner_state=r) if _reading.is_average_state(x) else r,
       fresh,
       inner_state,
-      is_leaf=_is_ma_state,
+      is_leaf=_reading.is_average_state,
     )
   expected_inner = found[0].inner_state
   if _same_structure(expected_inner, inner_state):
     _check_leaves(expected_inner, inner_state)
     return jax.tree.map(
-      lambda x: x._replace(inner_state=inner_state) if _is_ma_state(x) else x,
+      lambda x: (
+        x._replace(inner_state=inner_state) if _reading.is_average_state(x) else x
+      ),
       fresh,
-      is_leaf=_is_ma_state,
+      is_leaf=_reading.is_average_state,
     )
   raise ValueError(
     "`inner_state` has the structure neither of the wrapped optimizer's state "

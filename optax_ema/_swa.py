@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_ema import _averaged
-from optax_ema import _core
-from optax_ema import _optimizers
+from optax_ema import _engine
+from optax_ema import _rules
+from optax_ema import _transform
 from optax_ema import _tree_utils
+from optax_ema import _validation
 
 
 class SWAState(NamedTuple):
@@ -27,6 +28,9 @@ class SWAState(NamedTuple):
       current parameters. Non-float leaves hold the latest parameter value;
       ``None`` leaves stay ``None``.
     count: int32 scalar, the number of updates applied so far (saturating).
+    step_size: float32 scalar, the weight of the last snapshot in the mean,
+      as a per-step weight over the period (1 before the first snapshot):
+      what :func:`optax_ema.diagnostics` reports as the decay and window.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -41,44 +45,32 @@ class SWAState(NamedTuple):
   inner_state: optax.OptState
   average: optax.Params
   count: jax.Array
+  step_size: jax.Array
 
 
-def swa_schedule(
-  count: jax.Array, start_averaging: int, average_period: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(before_start, is_snapshot, k)`` for the update applied at ``count``.
+class _Layout:
+  """How :class:`SWAState` holds the engine's one average."""
 
-  ``before_start``: ``count < start_averaging``; ``is_snapshot``: the update
-  takes a snapshot; ``k``: the number of snapshots already in the average.
-  """
-  since = jnp.asarray(count, jnp.int32) - start_averaging
-  before_start = since < 0
-  since = jnp.maximum(since, 0)
-  is_snapshot = jnp.logical_and(~before_start, since % average_period == 0)
-  return before_start, is_snapshot, since // average_period
+  state_type = SWAState
 
+  def pack(
+    self,
+    inner_state: Any,
+    slots: list[_engine.SlotState],
+    count: jax.Array,
+    step_sizes: list[jax.Array],
+  ) -> SWAState:
+    return SWAState(inner_state, slots[0].tree, count, step_sizes[0])
 
-def swa_leaf(
-  average: jax.Array,
-  value: jax.Array,
-  before_start: jax.Array,
-  is_snapshot: jax.Array,
-  k: jax.Array,
-) -> jax.Array:
-  """One SWA step of one floating point leaf, in the average's dtype.
-
-  Before the start the average copies ``value``; at a snapshot it becomes
-  ``(average * k + value) / (k + 1)``; otherwise it stays. The arithmetic
-  runs in at least float32.
-  """
-  dtype = average.dtype
-  compute = jnp.promote_types(dtype, jnp.float32)
-  a = average.astype(compute)
-  v = _core.upcast_value(value, compute)
-  kf = k.astype(compute)
-  snapshot = (a * kf + v) / (kf + 1)
-  new = jnp.where(before_start, v, jnp.where(is_snapshot, snapshot, a))
-  return new.astype(dtype)
+  def unpack(
+    self, state: SWAState
+  ) -> tuple[Any, list[_engine.SlotState], jax.Array, list[jax.Array]]:
+    return (
+      state.inner_state,
+      [_engine.SlotState(state.average)],
+      state.count,
+      [state.step_size],
+    )
 
 
 def swa_average_op(
@@ -89,24 +81,26 @@ def swa_average_op(
   average_period: int,
 ) -> Any:
   """The SWA average after an update at step ``count`` (leaf or pytree)."""
-  before_start, is_snapshot, k = swa_schedule(count, start_averaging, average_period)
+  rule, moves = _rules.swa_rule(start_averaging, average_period)
+  count = jnp.asarray(count, jnp.int32)
+  step, move = rule(count), moves(count)
   _tree_utils.check_like(average_var, var, "var", "`average_var`")
 
   def leaf(a: Any, v: Any) -> Any:
-    if not _tree_utils.is_none_or_masked(a):
-      a = jnp.asarray(a)
-    return _core.step_leaf(
-      a, v, lambda a, v: swa_leaf(a, v, before_start, is_snapshot, k)
-    )
+    if _tree_utils.is_none_or_masked(a):
+      return a
+    a = jnp.asarray(a)
+    if not _tree_utils.is_float(a):  # not averaged: the latest value
+      return v if _tree_utils.is_key(a) else jnp.asarray(v).astype(a.dtype)
+    return jnp.where(move, _engine.step_leaf(a, v, step), a)
 
   return jax.tree.map(leaf, average_var, var, is_leaf=_tree_utils.is_none_or_masked)
 
 
 def swa(
-  optimizer: optax.GradientTransformation | str,
+  optimizer: optax.GradientTransformation,
   start_averaging: int = 0,
   average_period: int = 10,
-  **optimizer_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer to keep a stochastic weight average of the params.
 
@@ -119,13 +113,17 @@ def swa(
 
   .. math::
 
-    k = (t - s) / P, \\qquad \\bar{x} \\leftarrow \\frac{k\\,\\bar{x} + x}{k + 1}
+    k = (t - s) / P, \\qquad
+    \\bar{x} \\leftarrow \\bar{x} - \\frac{\\bar{x} - x}{k + 1}
+      = \\frac{k\\,\\bar{x} + x}{k + 1}
 
-  and other updates leave :math:`\\bar{x}` unchanged. Before the first
-  snapshot the average follows the parameters, so that
-  :func:`optax_ema.averaged_params` returns the current parameters (TFA's
-  average started at zeros and ``assign_average_vars`` wrote those zeros into
-  the model). Read the average with :func:`optax_ema.averaged_params`.
+  and other updates leave :math:`\\bar{x}` unchanged (they do not touch it:
+  a ``lax.cond``). Before the first snapshot the average follows the
+  parameters, so that :func:`optax_ema.averaged_params` returns the current
+  parameters (TFA's average started at zeros and ``assign_average_vars``
+  wrote those zeros into the model). As for every wrapper of the package,
+  :math:`t` counts the updates the wrapped optimizer applies. Read the
+  average with :func:`optax_ema.averaged_params`.
 
   Args:
     optimizer: the optax transformation to wrap, or the name of an optax
@@ -134,10 +132,6 @@ def swa(
     start_averaging: the number of updates before the first snapshot.
     average_period: take a snapshot every this many updates (>= 1).
       Both may be int32 scalars traced by ``optax.inject_hyperparams``.
-    **optimizer_kwargs: for an optimizer given by name, its arguments
-      (``learning_rate``, ``momentum``, ...) and Keras's ``lr`` / ``decay``;
-      for any optimizer, Keras's ``clipnorm``, ``clipvalue`` or
-      ``global_clipnorm``, applied to the gradients before the optimizer.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -171,54 +165,13 @@ def swa(
     Unlike TFA, float64 parameters work (the average keeps their dtype), and
     float16/bfloat16 parameters are averaged in float32.
   """
-  optimizer = _optimizers.resolve_optimizer(optimizer, optimizer_kwargs, "swa")
-  _core.check_int(start_averaging, "start_averaging", 0)
-  _core.check_int(average_period, "average_period", 1)
-  inner = optax.with_extra_args_support(optimizer)
-
-  def init_fn(params: optax.Params) -> SWAState:
-    return SWAState(
-      inner_state=inner.init(params),
-      average=_core._init_average(params, None, None),
-      count=jnp.zeros([], jnp.int32),
-    )
-
-  def update_fn(
-    updates: optax.Updates,
-    state: SWAState,
-    params: optax.Params | None = None,
-    **extra_args: Any,
-  ) -> tuple[optax.Updates, SWAState]:
-    _tree_utils.check_update_args("swa", state.average, params, updates)
-    new_updates, inner_state = inner.update(
-      updates, state.inner_state, params, **extra_args
-    )
-    before_start, is_snapshot, k = swa_schedule(
-      state.count, start_averaging, average_period
-    )
-
-    values = _core.latest_values(state.average, params, new_updates, True)
-    average = jax.tree.map(
-      lambda a, v: _core.step_leaf(
-        a, v, lambda a, v: swa_leaf(a, v, before_start, is_snapshot, k)
-      ),
-      state.average,
-      values,
-      is_leaf=_tree_utils.is_none_or_masked,
-    )
-    return new_updates, SWAState(
-      inner_state, average, optax.safe_increment(state.count)
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _read_swa(state: SWAState, which: Any) -> Any:
-  if which is not None:
-    raise ValueError(
-      f"`which` must be None for a state with a single average, got {which!r}."
-    )
-  return state.average
-
-
-_averaged.register_average_state(SWAState, _read_swa)
+  _validation.check_int(start_averaging, "start_averaging", 0)
+  _validation.check_int(average_period, "average_period", 1)
+  rule, moves = _rules.swa_rule(start_averaging, average_period)
+  engine = _engine.Engine(
+    slots=(_engine.Slot(None),),
+    make_rule=lambda _: rule,
+    moves=moves,
+    interval=average_period,
+  )
+  return _transform.averaging_transformation(optimizer, engine, _Layout(), "swa")

@@ -1,4 +1,4 @@
-"""Private pytree helpers shared by the transformations in this package."""
+"""Private pytree helpers: leaf predicates, structure checks and masks."""
 
 from __future__ import annotations
 
@@ -36,29 +36,60 @@ def is_key(x: Any) -> bool:
   return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def default_ema_dtype(leaf_dtype: Any, ema_dtype: Any) -> Any:
-  """The accumulator dtype of a floating point leaf.
+def is_placeholder(params: Any) -> bool:
+  """Whether ``params`` is the stand-in ``optax.tree_map_params`` inits with.
 
-  float16 and bfloat16 leaves accumulate in float32 unless ``ema_dtype`` says
-  otherwise; other real floats keep their dtype; complex leaves always keep
-  theirs (an explicit real ``ema_dtype`` would drop the imaginary part).
+  ``optax.tree_map_params`` calls ``init`` with a leafless placeholder to find
+  the parameter-shaped parts of a state; an ``init`` that must look at the
+  parameters (masks, several averages) returns the placeholder in their place.
   """
-  leaf_dtype = jnp.dtype(leaf_dtype)
-  if jnp.issubdtype(leaf_dtype, jnp.complexfloating):
-    return leaf_dtype
-  if ema_dtype is not None:
-    return jnp.dtype(ema_dtype)
-  if leaf_dtype.itemsize < 4:
-    return jnp.dtype(jnp.float32)
-  return leaf_dtype
+  return type(params).__name__ == "_ParamsPlaceholder"
 
 
 def keystr(path: tuple[Any, ...]) -> str:
   return jax.tree_util.keystr(path) if path else "<root>"
 
 
-def _flatten_with_kinds(tree: Any) -> tuple[list[Any], Any]:
-  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none_or_masked)
+def leaves_with_paths(tree: Any) -> list[tuple[tuple[Any, ...], Any]]:
+  """``tree``'s leaves and their paths, ``None``/``MaskedNode`` kept as leaves."""
+  return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none_or_masked)[0]
+
+
+def _structure_error(reference: Any, tree: Any, name: str, what: str) -> str:
+  """Why ``tree`` does not flatten like ``reference``, naming the paths."""
+  ref_paths = [p for p, _ in leaves_with_paths(reference)]
+  tree_paths = [p for p, _ in leaves_with_paths(tree)]
+  prefix = f"`{name}` does not have the structure of {what}:"
+
+  def covered(path: tuple[Any, ...], others: list[tuple[Any, ...]]) -> bool:
+    # A leaf of one tree may stand for a whole subtree of the other.
+    return any(o[: len(path)] == path or path[: len(o)] == o for o in others)
+
+  missing = [p for p in ref_paths if not covered(p, tree_paths)]
+  unexpected = [p for p in tree_paths if not covered(p, ref_paths)]
+  parts = []
+  if missing:
+    names = ", ".join(keystr(p) for p in missing[:3])
+    more = ", ..." if len(missing) > 3 else ""
+    parts.append(f"{names}{more} {'is' if len(missing) == 1 else 'are'} missing")
+  if unexpected:
+    names = ", ".join(keystr(p) for p in unexpected[:3])
+    more = ", ..." if len(unexpected) > 3 else ""
+    verb = "is" if len(unexpected) == 1 else "are"
+    parts.append(f"{names}{more} {verb} unexpected in `{name}`")
+  if parts:
+    return f"{prefix} {'; '.join(parts)}."
+  for ref_path, tree_path in zip(ref_paths, tree_paths, strict=False):
+    if ref_path != tree_path:
+      return (
+        f"{prefix} first mismatch at {keystr(ref_path)} (expected) vs "
+        f"{keystr(tree_path)} (got)."
+      )
+  return (
+    f"{prefix} the containers differ (expected "
+    f"{jax.tree_util.tree_structure(reference, is_leaf=is_none_or_masked)}, got "
+    f"{jax.tree_util.tree_structure(tree, is_leaf=is_none_or_masked)})."
+  )
 
 
 def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
@@ -69,34 +100,14 @@ def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
   ``tree`` is what the caller passed as ``name``. Structures, and the shapes
   of leaves that ``reference`` holds as arrays, must agree.
   """
-  ref_flat, ref_def = _flatten_with_kinds(reference)
+  ref_flat, ref_def = jax.tree_util.tree_flatten_with_path(
+    reference, is_leaf=is_none_or_masked
+  )
   try:
-    # Flatten ``tree`` up to the reference's structure: a MaskedNode in the
-    # reference stands for a whole leaf (or subtree) of ``tree``.
+    # A MaskedNode in the reference stands for a whole leaf (or subtree).
     tree_leaves = ref_def.flatten_up_to(tree)
   except (ValueError, TypeError):
-    tree_flat, _ = _flatten_with_kinds(tree)
-    ref_paths = [p for p, _ in ref_flat]
-    tree_paths = [p for p, _ in tree_flat]
-    for ref_path, tree_path in zip(ref_paths, tree_paths, strict=False):
-      if ref_path != tree_path:
-        raise ValueError(
-          f"`{name}` does not have the structure of {what}: first mismatch at "
-          f"{keystr(ref_path)} (expected) vs {keystr(tree_path)} (got)."
-        ) from None
-    if len(ref_paths) != len(tree_paths):
-      longer = ref_paths if len(ref_paths) > len(tree_paths) else tree_paths
-      extra = longer[min(len(ref_paths), len(tree_paths))]
-      side = "missing from" if longer is ref_paths else "unexpected in"
-      raise ValueError(
-        f"`{name}` does not have the structure of {what}: {keystr(extra)} is "
-        f"{side} `{name}`."
-      ) from None
-    raise ValueError(
-      f"`{name}` does not have the structure of {what}: the containers "
-      f"differ (expected {ref_def}, got "
-      f"{jax.tree_util.tree_structure(tree, is_leaf=is_none_or_masked)})."
-    ) from None
+    raise ValueError(_structure_error(reference, tree, name, what)) from None
   for (path, ref_leaf), leaf in zip(ref_flat, tree_leaves, strict=True):
     if ref_leaf is None:
       if leaf is not None:
@@ -112,8 +123,7 @@ def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
         f"`{name}` does not have the structure of {what}: {keystr(path)} is "
         f"None in `{name}` but an array in the state."
       )
-    ref_shape = tuple(np.shape(ref_leaf))
-    shape = tuple(np.shape(leaf))
+    ref_shape, shape = tuple(np.shape(ref_leaf)), tuple(np.shape(leaf))
     if ref_shape != shape:
       raise ValueError(
         f"`{name}` does not have the shapes of {what}: {keystr(path)} has "
@@ -140,8 +150,7 @@ def expand_mask(mask: Any, params: Any) -> Any:
   """Broadcasts a bool prefix tree (or a callable of params) to ``params``.
 
   Returns a tree with the structure of ``params`` holding a Python bool at each
-  array leaf (``None`` and ``optax.MaskedNode`` positions are kept as they are),
-  or ``None`` when ``mask`` is ``None``.
+  array leaf, or ``None`` when ``mask`` is ``None``.
   """
   if mask is None:
     return None
@@ -150,10 +159,16 @@ def expand_mask(mask: Any, params: Any) -> Any:
   def flag_of(flag: Any) -> bool:
     if isinstance(flag, (bool, np.bool_)):
       return bool(flag)
+    hint = ""
+    if isinstance(flag, (jax.Array, np.ndarray)):
+      hint = (
+        " (an array: under optax.inject_hyperparams a callable `mask` is "
+        "called like a schedule; pass `static_args=('mask',)`)"
+      )
     raise TypeError(
       "`mask` must be a pytree prefix of params holding Python bools (or a "
       f"callable returning one); got a leaf {flag!r} of type "
-      f"{type(flag).__name__}."
+      f"{type(flag).__name__}{hint}."
     )
 
   def broadcast(flag: Any, subtree: Any) -> Any:
@@ -169,29 +184,18 @@ def expand_mask(mask: Any, params: Any) -> Any:
     ) from None
 
 
-def map_selected(fn: Callable[..., Any], mask: Any, tree: Any, *rest: Any) -> Any:
-  """``jax.tree.map(fn, tree, *rest)`` where masked-out leaves become MaskedNode.
+def map_selected(fn: Callable[..., Any], mask: Any, tree: Any) -> Any:
+  """``jax.tree.map(fn, tree)`` where masked-out leaves become ``MaskedNode``.
 
-  ``None`` leaves of ``tree`` stay ``None``; ``optax.MaskedNode`` leaves of
-  ``tree`` stay ``MaskedNode``.
+  ``mask`` is :func:`expand_mask`'s result (or ``None``: every leaf is
+  selected); ``None`` and ``MaskedNode`` leaves of ``tree`` stay as they are.
   """
 
-  def leaf_fn(x: Any, *others: Any) -> Any:
+  def leaf_fn(selected: Any, x: Any) -> Any:
     if is_none_or_masked(x):
       return x
-    return fn(x, *others)
+    return fn(x) if selected else optax.MaskedNode()
 
   if mask is None:
-    return jax.tree.map(leaf_fn, tree, *rest, is_leaf=is_none_or_masked)
-
-  def masked_fn(selected: Any, x: Any, *others: Any) -> Any:
-    if is_none_or_masked(x):
-      return x
-    if not selected:
-      return optax.MaskedNode()
-    return fn(x, *others)
-
-  # The expanded mask has the structure of ``tree`` with bools at array leaves
-  # and None / MaskedNode kept in place; map with it first so that those stay
-  # leaves of the same kind.
-  return jax.tree.map(masked_fn, mask, tree, *rest, is_leaf=is_none_or_masked)
+    return jax.tree.map(lambda x: leaf_fn(True, x), tree, is_leaf=is_none_or_masked)
+  return jax.tree.map(leaf_fn, mask, tree, is_leaf=is_none_or_masked)

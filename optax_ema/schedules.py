@@ -2,9 +2,11 @@
 
 Each schedule is a plain function ``count -> decay`` (``count`` the number of
 updates applied before the step, an int32 scalar) that traces under
-``jax.jit`` and returns a float32 scalar; pass it as ``average_decay``. Where
-``1 - decay`` is tiny, the schedules compute it with ``log1p``/``expm1`` so
-that the float32 decay is the correctly rounded value even at counts of 1e7.
+``jax.jit`` and returns a float32 scalar; pass it as ``average_decay``. Each
+also carries ``schedule.step_size(count)``, its ``1 - decay`` computed
+directly (with ``log1p``/``expm1`` where it is tiny) rather than from a
+float32 decay near one: :func:`optax_ema.moving_average` averages with it, so
+its steps keep their precision even at counts of 1e7.
 
 :func:`per_leaf` marks a pytree prefix of decays as one decay per parameter
 subtree (as opposed to a tuple or dict of decays, which keeps several
@@ -22,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ema import _core
 from optax_ema import _power_math
+from optax_ema import _rules
+from optax_ema import _validation
 
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
 
@@ -38,33 +41,14 @@ __all__ = [
 ]
 
 
-def _real(value: Any, name: str) -> float:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-    value, (numbers.Real, np.floating, np.integer)
-  ):
-    raise TypeError(f"`{name}` must be a real number, got {value!r}.")
-  out = float(value)
-  if math.isnan(out):
-    raise ValueError(f"`{name}` must not be NaN, got {value!r}.")
-  return out
-
-
-def _unit(value: Any, name: str) -> float:
-  out = _real(value, name)
-  if not 0.0 <= out <= 1.0:
-    raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
-  return out
-
-
-def _positive(value: Any, name: str) -> float:
-  out = _real(value, name)
-  if not out > 0.0 or math.isinf(out):
-    raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-  return out
-
-
 def _step(count: jax.typing.ArrayLike) -> jax.Array:
   return jnp.asarray(count).astype(jnp.float32)
+
+
+def _with_step_size(schedule: Any, step_size: Any) -> Schedule:
+  """``schedule`` carrying ``step_size``, its ``1 - decay`` computed directly."""
+  schedule.step_size = step_size
+  return schedule
 
 
 def warmup(
@@ -109,30 +93,35 @@ def warmup(
     Wightman, timm ``ModelEmaV3`` (``get_decay``); von Platen et al.,
     diffusers ``EMAModel.get_decay``; Wang, ema-pytorch ``EMA.get_current_decay``.
   """
-  max_decay = _unit(max_decay, "max_decay")
-  min_decay = _unit(min_decay, "min_decay")
+  max_decay = _validation.check_unit(max_decay, "max_decay")
+  min_decay = _validation.check_unit(min_decay, "min_decay")
   if min_decay > max_decay:
     raise ValueError(
       f"`min_decay` must be <= `max_decay`, got {min_decay!r} > {max_decay!r}."
     )
-  inv_gamma = _positive(inv_gamma, "inv_gamma")
-  power = _positive(power, "power")
-  if isinstance(start_step, (bool, np.bool_)) or not isinstance(
-    start_step, (int, np.integer)
-  ):
-    raise TypeError(f"`start_step` must be a non-negative int, got {start_step!r}.")
-  if start_step < 0:
-    raise ValueError(f"`start_step` must be a non-negative int, got {start_step!r}.")
+  inv_gamma = _validation.check_positive(inv_gamma, "inv_gamma")
+  power = _validation.check_positive(power, "power")
+  _validation.check_int(start_step, "start_step")
+
+  def log_keep(count: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
+    s = _step(count) - jnp.float32(start_step)
+    return s >= 0, -jnp.float32(power) * jnp.log1p(
+      jnp.maximum(s, 0.0) / jnp.float32(inv_gamma)
+    )
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    s = _step(count) - jnp.float32(start_step)
-    started = s >= 0
-    s = jnp.maximum(s, 0.0)
-    decay = -jnp.expm1(-jnp.float32(power) * jnp.log1p(s / jnp.float32(inv_gamma)))
-    decay = jnp.clip(decay, jnp.float32(min_decay), jnp.float32(max_decay))
+    started, log = log_keep(count)
+    decay = jnp.clip(-jnp.expm1(log), jnp.float32(min_decay), jnp.float32(max_decay))
     return jnp.where(started, decay, jnp.zeros_like(decay))
 
-  return schedule
+  def step_size(count: jax.typing.ArrayLike) -> jax.Array:
+    started, log = log_keep(count)
+    w = jnp.clip(
+      jnp.exp(log), jnp.float32(1.0 - max_decay), jnp.float32(1.0 - min_decay)
+    )
+    return jnp.where(started, w, jnp.ones_like(w))
+
+  return _with_step_size(schedule, step_size)
 
 
 def tf_ramp(max_decay: float) -> Schedule:
@@ -160,15 +149,16 @@ def tf_ramp(max_decay: float) -> Schedule:
   References:
     TensorFlow, ``tf.train.ExponentialMovingAverage`` (``num_updates``).
   """
-  max_decay = _unit(max_decay, "max_decay")
+  max_decay = _validation.check_unit(max_decay, "max_decay")
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    t = _step(count)
-    # 1 - decay = 9 / (10 + t), exact to float32 rounding at any count.
-    ramp = 1.0 - 9.0 / (10.0 + t)
-    return jnp.minimum(jnp.float32(max_decay), ramp)
+    return jnp.minimum(jnp.float32(max_decay), 1.0 - step_size(count))
 
-  return schedule
+  def step_size(count: jax.typing.ArrayLike) -> jax.Array:
+    # 1 - decay = 9 / (10 + t), exact to float32 rounding at any count.
+    return jnp.maximum(9.0 / (10.0 + _step(count)), jnp.float32(1.0 - max_decay))
+
+  return _with_step_size(schedule, step_size)
 
 
 def from_half_life(steps: jax.typing.ArrayLike) -> Any:
@@ -194,7 +184,7 @@ def from_half_life(steps: jax.typing.ArrayLike) -> Any:
     MosaicML Composer, ``EMA(half_life=...)``.
   """
   if isinstance(steps, (numbers.Real, np.floating, np.integer)):
-    h = _positive(steps, "steps")
+    h = _validation.check_positive(steps, "steps")
     return math.exp(-math.log(2.0) / h)
   xp = jnp if isinstance(steps, jax.Array) else np
   return xp.exp(-math.log(2.0) / xp.asarray(steps))
@@ -220,7 +210,7 @@ def to_half_life(decay: jax.typing.ArrayLike) -> Any:
     692.8
   """
   if isinstance(decay, (numbers.Real, np.floating, np.integer)):
-    d = _unit(decay, "decay")
+    d = _validation.check_unit(decay, "decay")
     if d in (0.0, 1.0):
       raise ValueError(f"`decay` must be in (0, 1) to have a half-life, got {decay!r}.")
     return -math.log(2.0) / math.log1p(d - 1.0)
@@ -256,12 +246,17 @@ def half_life(steps: float) -> Schedule:
   References:
     MosaicML Composer, ``EMA(half_life=...)``; torchtitan's EMA.
   """
-  decay = from_half_life(_positive(steps, "steps"))
+  h = _validation.check_positive(steps, "steps")
+  decay = from_half_life(h)
+  w = -math.expm1(-math.log(2.0) / h)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     return jnp.full(jnp.shape(count), decay, jnp.float32)
 
-  return schedule
+  def step_size(count: jax.typing.ArrayLike) -> jax.Array:
+    return jnp.full(jnp.shape(count), w, jnp.float32)
+
+  return _with_step_size(schedule, step_size)
 
 
 def power(gamma: float | None = None, sigma_rel: float | None = None) -> Schedule:
@@ -305,18 +300,23 @@ def power(gamma: float | None = None, sigma_rel: float | None = None) -> Schedul
       f"gamma={gamma!r}, sigma_rel={sigma_rel!r}."
     )
   if sigma_rel is not None:
-    g = float(_power_math.sigma_rel_to_gamma(_real(sigma_rel, "sigma_rel")))
+    g = float(
+      _power_math.sigma_rel_to_gamma(_validation.check_real(sigma_rel, "sigma_rel"))
+    )
   else:
-    g = _real(gamma, "gamma")
+    g = _validation.check_real(gamma, "gamma")
     _power_math.gamma_to_sigma_rel(g)  # raises on gamma <= -1
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     return _power_math.power_decay(count, g)
 
-  return schedule
+  def step_size(count: jax.typing.ArrayLike) -> jax.Array:
+    return _power_math.power_weight(count, g)
+
+  return _with_step_size(schedule, step_size)
 
 
-def per_leaf(prefix: Any) -> _core.PerLeafDecay:
+def per_leaf(prefix: Any) -> _rules.PerLeafDecay:
   """One decay (or schedule) per parameter subtree.
 
   ``prefix`` is a pytree prefix of the parameters with a decay or a
@@ -348,6 +348,6 @@ def per_leaf(prefix: Any) -> _core.PerLeafDecay:
     >>> print(f"{avg['embed'][0]:.2f} {avg['dense'][0]:.2f}")
     0.10 0.50
   """
-  if isinstance(prefix, _core.PerLeafDecay):
+  if isinstance(prefix, _rules.PerLeafDecay):
     return prefix
-  return _core.PerLeafDecay(prefix)
+  return _rules.PerLeafDecay(prefix)

@@ -107,16 +107,19 @@ def test_tfa_optimizer_string():
 
 
 def test_tfa_config_round_trip_with_sgd_nesterov_momentum_decay():
-  opt = optax_ema.MovingAverage(
-    "sgd",
-    average_decay=0.5,
-    num_updates=None,
-    sequential_update=False,
-    learning_rate=2.0,
-    nesterov=True,
-    momentum=0.3,
-    decay=0.1,
-  )
+  with pytest.warns(
+    UserWarning, match="Keras's legacy learning-rate decay.*`average_decay`"
+  ):
+    opt = optax_ema.MovingAverage(
+      "sgd",
+      average_decay=0.5,
+      num_updates=None,
+      sequential_update=False,
+      learning_rate=2.0,
+      nesterov=True,
+      momentum=0.3,
+      decay=0.1,
+    )
   config = opt.get_config()
   assert config["average_decay"] == 0.5
   assert config["num_updates"] is None
@@ -127,7 +130,10 @@ def test_tfa_config_round_trip_with_sgd_nesterov_momentum_decay():
   }
   as_json = json.loads(json.dumps(config))
   frozen = copy.deepcopy(as_json)
-  new_opt = optax_ema.MovingAverage.from_config(as_json)
+  with pytest.warns(
+    UserWarning, match="Keras's legacy learning-rate decay.*`average_decay`"
+  ):
+    new_opt = optax_ema.MovingAverage.from_config(as_json)
   assert as_json == frozen  # from_config does not mutate its argument
   assert new_opt.get_config() == config
   # Both behave the same.
@@ -246,7 +252,10 @@ def test_learning_rate_of_a_built_transformation():
 
 
 def test_learning_rate_with_decay_is_the_base_rate():
-  opt = optax_ema.MovingAverage("sgd", learning_rate=1.0, decay=1.0)
+  with pytest.warns(
+    UserWarning, match="Keras's legacy learning-rate decay.*`average_decay`"
+  ):
+    opt = optax_ema.MovingAverage("sgd", learning_rate=1.0, decay=1.0)
   params = {"w": jnp.zeros(1)}
   for _ in range(2):
     params = opt.apply_gradients(({"w": jnp.array([1.0])}, params))
@@ -467,7 +476,10 @@ def test_from_config_reads_a_keras_optimizer_entry():
       "config": {"name": "SGD", "learning_rate": 2.0, "momentum": 0.0, "decay": 0.0},
     },
   }
-  opt = optax_ema.MovingAverage.from_config(config)
+  with pytest.warns(
+    UserWarning, match="Keras's legacy learning-rate decay.*`average_decay`"
+  ):  # Keras 2 configs carry `decay`: 0.0
+    opt = optax_ema.MovingAverage.from_config(config)
   assert opt.get_config()["optimizer"]["name"] == "sgd"
   assert config["optimizer"]["config"]["name"] == "SGD"  # untouched
   params = opt.apply_gradients(([jnp.array([0.1])], [jnp.array([1.0])]))

@@ -58,16 +58,23 @@ def test_bfloat16_params_accumulate_in_float32_by_default():
   np.testing.assert_array_equal(np.asarray(out), want.astype(BF16))
 
 
-def test_bfloat16_average_with_decay_0999_never_moves_float32_one_does():
-  # The reason for the float32 default: 1 - 0.5 * 0.001 rounds back to 1 in
-  # bfloat16 (its spacing below 1 is 2**-8), every step.
+def test_nearest_rounded_bfloat16_average_with_decay_0999_never_moves():
+  # The reason for the float32 default, and for stochastic rounding of
+  # bfloat16 storage: 1 - 0.5 * 0.001 rounds back to 1 in bfloat16 (its
+  # spacing below 1 is 2**-8), every step.
   params = {"w": jnp.ones(2, jnp.bfloat16)}
   updates = {"w": jnp.full(2, -0.5, jnp.bfloat16)}
   half = {"w": jnp.full(2, 0.5, jnp.bfloat16)}
   zero = {"w": jnp.zeros(2, jnp.bfloat16)}
   results = {}
   for ema_dtype in (None, jnp.bfloat16):
-    tx = optax_ema.moving_average(optax.identity(), 0.999, ema_dtype=ema_dtype)
+    if ema_dtype is None:
+      tx = optax_ema.moving_average(optax.identity(), 0.999)
+    else:
+      with pytest.warns(UserWarning, match="`stochastic_rounding=False`"):
+        tx = optax_ema.moving_average(
+          optax.identity(), 0.999, ema_dtype=ema_dtype, stochastic_rounding=False
+        )
     state = tx.init(params)
     _, state = tx.update(updates, state, params)
     for _ in range(9):

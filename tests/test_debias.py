@@ -114,7 +114,7 @@ def test_debias_keeps_dtypes_and_non_float_leaves():
   tx = optax_ema.moving_average(optax.sgd(1.0), 0.9, debias=True)
   state = tx.init(params)
   assert state.average.average["h"].dtype == jnp.float32
-  assert np.all(np.asarray(state.average.average["h"]) == 0)
+  assert float(state.average.weight) == 0.0  # nothing averaged yet
   grads = {"h": jnp.full(3, 0.5, jnp.bfloat16), "i": jnp.zeros(2, jnp.int32)}
   _, state = tx.update(grads, state, params)
   avg = optax_ema.averaged_params(state, params)
@@ -123,10 +123,33 @@ def test_debias_keeps_dtypes_and_non_float_leaves():
   np.testing.assert_array_equal(avg["i"], [1, 2])
 
 
-def test_debiased_average_is_zero_before_the_first_update():
+def test_debiased_average_reads_as_the_params_before_the_first_update():
+  params = {"w": jnp.array([1.0, -2.0])}
   tx = optax_ema.moving_average(optax.sgd(1.0), 0.9, debias=True)
-  state = tx.init({"w": jnp.ones(2)})
-  np.testing.assert_array_equal(optax_ema.averaged_params(state)["w"], [0.0, 0.0])
+  state = tx.init(params)
+  np.testing.assert_array_equal(optax_ema.averaged_params(state)["w"], [1.0, -2.0])
+  np.testing.assert_array_equal(
+    optax_ema.averaged_params(state, params)["w"], [1.0, -2.0]
+  )
+
+
+def test_debiased_average_reads_as_the_params_until_it_first_averages():
+  # update_every=3: steps 1 and 2 do not average (nothing is averaged yet:
+  # the read falls back to the params given); the third averages params3
+  # alone, with full weight.
+  params = {"w": jnp.array([1.0, -2.0])}
+  tx = optax_ema.moving_average(optax.sgd(1.0), 0.9, debias=True, update_every=3)
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, params)
+    params = optax.apply_updates(params, updates)
+    read = optax_ema.averaged_params(state, params)["w"]
+    np.testing.assert_allclose(read, params["w"], rtol=1e-6)
+  for _ in range(3):  # from here on it is an average: it lags the params
+    updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, params)
+    params = optax.apply_updates(params, updates)
+  read = optax_ema.averaged_params(state, params)["w"]
+  assert np.all(np.asarray(read) > np.asarray(params["w"]))
 
 
 def test_debias_with_mask_keeps_masked_leaves_from_params():

@@ -1,4 +1,8 @@
-"""optax_ema.diagnostics against values computed by hand / with NumPy."""
+"""optax_ema.diagnostics against values computed by hand / with NumPy.
+
+The state records the step size of its last averaging step, so diagnostics
+needs no transformation and finds the state wherever it sits.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +41,7 @@ GRADS = [
 def test_values_for_a_constant_decay_match_numpy():
   tx = optax_ema.moving_average(optax.sgd(0.5), 0.9)
   params, state = _run(tx, PARAMS, GRADS)
-  stats = jax.jit(lambda s, p: optax_ema.diagnostics(s, p, tx))(state, params)
+  stats = jax.jit(optax_ema.diagnostics)(state, params)
   assert set(stats) == {"count", "drift", "decay", "window"}
   assert int(stats["count"]) == 5
   assert float(stats["decay"]) == pytest.approx(0.9, rel=1e-7)
@@ -46,10 +50,45 @@ def test_values_for_a_constant_decay_match_numpy():
   assert float(stats["drift"]) == pytest.approx(_np_drift(avg, params), rel=1e-5)
 
 
+@pytest.mark.parametrize(
+  "wrap",
+  [
+    lambda tx: optax.chain(optax.clip(10.0), tx),
+    lambda tx: optax.named_chain(("clip", optax.clip(10.0)), ("ema", tx)),
+    lambda tx: optax.MultiSteps(tx, every_k_schedule=1),
+    lambda tx: {"nested": [tx]},
+  ],
+  ids=["chain", "named_chain", "MultiSteps", "pytree"],
+)
+def test_finds_the_state_wherever_it_sits(wrap):
+  ema = optax_ema.moving_average(optax.sgd(0.5), 0.8)
+  if isinstance(wrap(ema), dict):  # a pytree holding a state, not a transform
+    _, state = _run(ema, PARAMS, GRADS[:2])
+    params = PARAMS
+    opt_state = wrap(state)
+  else:
+    params, opt_state = _run(wrap(ema), PARAMS, GRADS[:2])
+  stats = optax_ema.diagnostics(opt_state, params)
+  assert int(stats["count"]) == 2
+  assert float(stats["decay"]) == pytest.approx(0.8, rel=1e-6)
+
+
+def test_inside_inject_hyperparams_reports_the_run_time_decay():
+  tx = optax.inject_hyperparams(optax_ema.moving_average)(
+    optimizer=optax.sgd(0.5), average_decay=0.9
+  )
+  state = tx.init(PARAMS)
+  state.hyperparams["average_decay"] = jnp.asarray(0.75, jnp.float32)
+  updates, state = tx.update(GRADS[0], state, PARAMS)
+  stats = optax_ema.diagnostics(state, optax.apply_updates(PARAMS, updates))
+  assert float(stats["decay"]) == pytest.approx(0.75, rel=1e-6)
+  assert float(stats["window"]) == pytest.approx(4.0, rel=1e-5)
+
+
 def test_decay_is_the_one_used_at_the_last_step_under_a_schedule():
   tx = optax_ema.moving_average(optax.sgd(0.5), schedules.tf_ramp(0.999))
   params, state = _run(tx, PARAMS, GRADS)
-  stats = optax_ema.diagnostics(state, params, tx)
+  stats = optax_ema.diagnostics(state, params)
   # Last step had count 4 before it: (1 + 4) / (10 + 4).
   assert float(stats["decay"]) == pytest.approx(5 / 14, rel=1e-6)
   assert float(stats["window"]) == pytest.approx(14 / 9, rel=1e-5)
@@ -57,27 +96,20 @@ def test_decay_is_the_one_used_at_the_last_step_under_a_schedule():
 
 def test_before_any_step_decay_is_zero_and_drift_is_zero():
   tx = optax_ema.moving_average(optax.sgd(0.5), 0.99)
-  stats = optax_ema.diagnostics(tx.init(PARAMS), PARAMS, tx)
+  stats = optax_ema.diagnostics(tx.init(PARAMS), PARAMS)
   assert int(stats["count"]) == 0
   assert float(stats["decay"]) == 0.0
   assert float(stats["window"]) == 1.0
   assert float(stats["drift"]) == 0.0
 
 
-def test_without_tx_only_count_and_drift():
-  tx = optax_ema.moving_average(optax.sgd(0.5), 0.9)
-  params, state = _run(tx, PARAMS, GRADS[:2])
-  stats = optax_ema.diagnostics({"nested": (optax.EmptyState(), state)}, params)
-  assert set(stats) == {"count", "drift"}
-
-
-def test_update_every_reports_the_compensated_decay_and_window_in_steps():
+def test_update_every_reports_the_per_step_decay_and_window_in_steps():
+  # Every 2nd step the average moves by 0.9**2: per step, 0.9 and 10 steps.
   tx = optax_ema.moving_average(optax.sgd(0.5), 0.9, update_every=2)
   params, state = _run(tx, PARAMS, GRADS)
-  stats = optax_ema.diagnostics(state, params, tx)
-  d2 = float(np.float32(0.9)) ** 2
-  assert float(stats["decay"]) == pytest.approx(d2, rel=1e-6)
-  assert float(stats["window"]) == pytest.approx(2 / (1 - d2), rel=1e-5)
+  stats = optax_ema.diagnostics(state, params)
+  assert float(stats["decay"]) == pytest.approx(float(np.float32(0.9)), rel=1e-6)
+  assert float(stats["window"]) == pytest.approx(10.0, rel=1e-5)
 
 
 def test_several_averages_get_one_entry_each_or_the_one_picked():
@@ -85,7 +117,7 @@ def test_several_averages_get_one_entry_each_or_the_one_picked():
     optax.sgd(0.5), {"fast": 0.5, "slow": 0.99}, debias=True
   )
   params, state = _run(tx, PARAMS, GRADS)
-  stats = optax_ema.diagnostics(state, params, tx)
+  stats = optax_ema.diagnostics(state, params)
   assert set(stats) == {
     "count",
     "drift/fast",
@@ -98,7 +130,7 @@ def test_several_averages_get_one_entry_each_or_the_one_picked():
   assert float(stats["window/slow"]) == pytest.approx(100.0, rel=1e-4)
   slow = optax_ema.averaged_params(state, which="slow")
   assert float(stats["drift/slow"]) == pytest.approx(_np_drift(slow, params), rel=1e-5)
-  picked = optax_ema.diagnostics(state, params, tx, which="fast")
+  picked = optax_ema.diagnostics(state, params, which="fast")
   assert set(picked) == {"count", "drift", "decay", "window"}
   assert float(picked["decay"]) == pytest.approx(0.5)
 
@@ -108,9 +140,32 @@ def test_per_leaf_decays_get_one_entry_per_leaf():
     optax.sgd(0.5), schedules.per_leaf({"a": 0.9, "b": 0.5})
   )
   params, state = _run(tx, PARAMS, GRADS)
-  stats = optax_ema.diagnostics(state, params, tx)
+  stats = optax_ema.diagnostics(state, params)
   assert float(stats["decay['a']"]) == pytest.approx(0.9)
   assert float(stats["window['b']['c']"]) == pytest.approx(2.0)
+
+
+def test_power_ema_profiles_report_the_power_decay_of_the_last_update():
+  # After t = 5 updates the last one used (1 - 1/5) ** (gamma + 1).
+  tx = optax_ema.power_ema(optax.sgd(0.5), sigma_rels=(0.05, 0.1))
+  params, state = _run(tx, PARAMS, GRADS)
+  stats = optax_ema.diagnostics(state, params)
+  for key, sigma_rel in (("0.05", 0.05), ("0.1", 0.1)):
+    gamma = optax_ema.posthoc.sigma_rel_to_gamma(sigma_rel)
+    decay = (1 - 1 / 5) ** (gamma + 1)
+    assert float(stats[f"decay/{key}"]) == pytest.approx(decay, rel=1e-5)
+    assert float(stats[f"window/{key}"]) == pytest.approx(1 / (1 - decay), rel=1e-5)
+
+
+def test_swa_reports_the_mean_spread_over_its_period():
+  # Snapshots at updates 1, 3, 5 (start 0, period 2): the last one entered a
+  # mean of 3 with weight 1/3, i.e. per step 1 - (2/3) ** (1/2).
+  tx = optax_ema.swa(optax.sgd(0.5), start_averaging=0, average_period=2)
+  params, state = _run(tx, PARAMS, GRADS)
+  stats = optax_ema.diagnostics(state, params)
+  w = 1 - (2 / 3) ** 0.5
+  assert float(stats["decay"]) == pytest.approx(1 - w, rel=1e-6)
+  assert float(stats["window"]) == pytest.approx(1 / w, rel=1e-5)
 
 
 def test_masked_and_bf16_leaves_in_drift():
@@ -123,11 +178,10 @@ def test_masked_and_bf16_leaves_in_drift():
   assert float(stats["drift"]) == pytest.approx(0.5, rel=1e-6)
 
 
-def test_tx_that_is_not_moving_average_is_a_clear_error():
+def test_passing_tx_is_deprecated_and_changes_nothing():
   tx = optax_ema.moving_average(optax.sgd(0.5), 0.9)
-  state = tx.init(PARAMS)
-  with pytest.raises(TypeError, match="`tx` must be the transformation"):
-    optax_ema.diagnostics(state, PARAMS, optax.chain(tx))
-  other = optax_ema.moving_average(optax.sgd(0.5), (0.9, 0.99))
-  with pytest.raises(ValueError, match="`tx` does not match"):
-    optax_ema.diagnostics(state, PARAMS, other)
+  params, state = _run(tx, PARAMS, GRADS)
+  with pytest.warns(DeprecationWarning, match="no longer needs `tx`"):
+    with_tx = optax_ema.diagnostics(state, params, tx)
+  without = optax_ema.diagnostics(state, params)
+  assert jax.tree.map(float, with_tx) == jax.tree.map(float, without)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 import optax_ema
-from optax_ema import _core
+from optax_ema import _rounding as _core
 
 N, STEPS, DECAY = 256, 10_000, 0.999
 
@@ -69,7 +69,11 @@ def test_stochastic_rounding_tracks_float64_where_nearest_bf16_is_stuck(trajecto
   sr_state, sr = _averages_over_run(
     traj, ema_dtype=jnp.bfloat16, stochastic_rounding=True
   )
-  _, nearest = _averages_over_run(traj, ema_dtype=jnp.bfloat16)
+  _, default = _averages_over_run(traj, ema_dtype=jnp.bfloat16)
+  with pytest.warns(UserWarning, match=r"bfloat16.*will not move"):
+    _, nearest = _averages_over_run(
+      traj, ema_dtype=jnp.bfloat16, stochastic_rounding=False
+    )
   _, f32 = _averages_over_run(traj)
   sr_err = _errors_in_ulp(sr, ref, ulp)
   nearest_err = _errors_in_ulp(nearest, ref, ulp)
@@ -82,6 +86,8 @@ def test_stochastic_rounding_tracks_float64_where_nearest_bf16_is_stuck(trajecto
   assert f32_err["final_max"] < 0.05, f32_err
   # Half the memory of the float32 default.
   assert sr_state.average.dtype == jnp.bfloat16
+  # Low-precision storage rounds stochastically unless told otherwise.
+  np.testing.assert_array_equal(default, sr)
 
 
 @pytest.mark.parametrize("seed", [0, 12345])
@@ -163,8 +169,8 @@ def test_stochastic_rounding_works_with_debias_and_several_decays():
     np.testing.assert_allclose(np.asarray(avg["w"], np.float32), 1.5, atol=2.0**-6)
 
 
-@pytest.mark.parametrize("ema_dtype", [None, jnp.float32, jnp.float16])
-def test_stochastic_rounding_needs_a_bfloat16_ema_dtype(ema_dtype):
+@pytest.mark.parametrize("ema_dtype", [None, jnp.float32, jnp.float64])
+def test_stochastic_rounding_needs_a_low_precision_ema_dtype(ema_dtype):
   with pytest.raises(ValueError, match="`stochastic_rounding=True` needs"):
     optax_ema.moving_average(
       optax.sgd(1.0), 0.9, ema_dtype=ema_dtype, stochastic_rounding=True

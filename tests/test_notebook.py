@@ -72,9 +72,9 @@ def test_notebook_reproduces_tfa_numbers(executed):
   assert "var1: params [2.9600, 3.9600], average [2.9750, 3.9750]" in text
 
 
-def test_notebook_shows_the_stuck_bf16_average(executed):
+def test_notebook_shows_the_stuck_nearest_bf16_average_and_the_stochastic_one(executed):
   text = _text(executed)
-  (line,) = [x for x in text.splitlines() if "bfloat16 accumulator" in x]
+  (line,) = [x for x in text.splitlines() if "bfloat16 nearest" in x]
   # A 0.999 EMA of a parameter climbing linearly from 1 to 3 over 3000 steps,
   # in float64: a - (a - x) * 0.001 with x_t = 1 + 2 t / 3000 (bf16-rounded
   # in the notebook, which moves the result by well under 0.01).
@@ -84,7 +84,10 @@ def test_notebook_shows_the_stuck_bf16_average(executed):
   assert float(re.search(r"exact EMA ([0-9.]+)", line).group(1)) == pytest.approx(
     a, abs=0.01
   )
-  assert "bfloat16 accumulator 1.0000" in line
+  assert "bfloat16 nearest 1.0000" in line
+  stochastic = float(re.search(r"bfloat16 stochastic ([0-9.]+)", line).group(1))
+  assert stochastic == pytest.approx(a, abs=0.05)  # a few bfloat16 places
+  assert "will not move" in text  # the construction-time warning is shown
 
 
 def test_committed_notebook_is_saved_with_the_same_outputs(executed):

@@ -146,9 +146,11 @@ def test_decay_is_keras_inverse_time_decay():
   lr, decay = 0.5, 0.1
   params = {"w": jnp.array([1.0, 2.0])}
   grads = [{"w": jnp.array([1.0, -2.0])}] * 4
-  updates, state = _run(
-    optax_ema.moving_average("sgd", learning_rate=lr, decay=decay), grads, params
-  )
+  with pytest.warns(
+    UserWarning, match="Keras's legacy learning-rate decay.*`average_decay`"
+  ):
+    tx = optax_ema.moving_average("sgd", learning_rate=lr, decay=decay)
+  updates, state = _run(tx, grads, params)
   for t, u in enumerate(updates):
     np.testing.assert_allclose(u["w"], -lr / (1 + decay * t) * np.array([1.0, -2.0]))
   # The base rate and the decay both live in the state.
@@ -161,7 +163,10 @@ def test_rmsprop_rho_and_decay_are_keras_arguments():
   lr, rho, decay, eps = 0.1, 0.8, 0.5, 1e-8
   g = np.array([0.5, -1.5], np.float32)
   params = {"w": jnp.array([1.0, 2.0])}
-  tx = optax_ema.moving_average("rmsprop", learning_rate=lr, rho=rho, decay=decay)
+  with pytest.warns(
+    UserWarning, match="Keras's legacy learning-rate decay.*`average_decay`"
+  ):
+    tx = optax_ema.moving_average("rmsprop", learning_rate=lr, rho=rho, decay=decay)
   updates, _ = _run(tx, [{"w": jnp.asarray(g)}] * 3, params)
   nu = np.zeros(2)
   for t, u in enumerate(updates):
@@ -310,7 +315,10 @@ def test_not_an_optimizer_is_type_error(optimizer):
 
 
 def test_named_optimizer_runs_under_jit_without_recompiling():
-  tx = optax_ema.moving_average("adam", learning_rate=0.1, clipnorm=1.0, decay=0.01)
+  with pytest.warns(
+    UserWarning, match="Keras's legacy learning-rate decay.*`average_decay`"
+  ):
+    tx = optax_ema.moving_average("adam", learning_rate=0.1, clipnorm=1.0, decay=0.01)
   params = {"w": jnp.ones(3)}
   traces = []
 

@@ -170,6 +170,6 @@ def test_bool_or_string_arguments_are_type_errors():
 
 def test_per_leaf_marks_a_prefix_and_is_idempotent():
   marker = schedules.per_leaf({"a": 0.9})
-  assert isinstance(marker, optax_ema._core.PerLeafDecay)
+  assert isinstance(marker, optax_ema._rules.PerLeafDecay)
   assert schedules.per_leaf(marker) is marker
   assert marker.prefix == {"a": 0.9}

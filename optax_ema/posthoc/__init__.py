@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ema import _averaged
-from optax_ema import _power
+from optax_ema import _power_ema as _power
 from optax_ema import _power_math
+from optax_ema import _reading as _averaged
 from optax_ema import _tree_utils
 
 # The profile conversions, public here for post-hoc sweeps.

@@ -99,8 +99,7 @@ def observe(name, params, opt_state):
     for path, leaf in jax.tree_util.tree_flatten_with_path(avg)[0]:
       key = f"average[{which!r}]" + jax.tree_util.keystr(path)
       out[key] = np.asarray(leaf, np.float32)
-  state = optax_ema._averaged.find_average_state(opt_state)
-  out["count"] = np.asarray(state.count)
+  out["count"] = np.asarray(optax_ema.diagnostics(opt_state, params)["count"])
   return out
 
 

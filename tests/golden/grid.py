@@ -164,8 +164,12 @@ def _flat(prefix, tree, out):
     out[key] = value
 
 
-def replay(name):
-  """Runs configuration ``name``; returns ``{key: array}`` of every step."""
+def replay(name, with_params=False):
+  """Runs configuration ``name``; returns ``{key: array}`` of every step.
+
+  ``with_params`` also records the params after each step (``params/...``),
+  which the golden file does not hold.
+  """
   tx = CONFIGS[name]()
   skip = "skip_nonfinite" in name
   params = params0()
@@ -177,6 +181,8 @@ def replay(name):
     new_updates, state = update(updates, state, params)
     params = _apply(params, new_updates, step)
     prefix = f"{name}/{step:02d}/"
+    if with_params:
+      _flat(f"params/{step:02d}/", params, out)
     _flat(prefix + "average", _average_tree(state), out)
     out[prefix + "count"] = np.asarray(state.count)
     for which in WHICH.get(name, [None]):

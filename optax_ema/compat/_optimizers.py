@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ema import _transform
+
 # Keras's default learning rate for each optimizer it has under the same name
 # (tf.keras 2.x and Keras 3 agree on these).
 KERAS_DEFAULT_LEARNING_RATES: dict[str, float] = {
@@ -210,18 +212,6 @@ def _resolve_name(name: str) -> tuple[str, Callable[..., Any]]:
   raise ValueError(f"`optimizer` {name!r} is not an optax optimizer name.{hint}")
 
 
-def _check_transformation(optimizer: Any) -> None:
-  if not (
-    callable(getattr(optimizer, "init", None))
-    and callable(getattr(optimizer, "update", None))
-  ):
-    raise TypeError(
-      "`optimizer` must be an optax.GradientTransformation (an object with "
-      "`init` and `update`) or the name of an optax optimizer such as "
-      f"'adam', got {type(optimizer).__name__}: {optimizer!r}."
-    )
-
-
 def build_optimizer(
   optimizer: Any, kwargs: dict[str, Any], caller: str, stacklevel: int = 3
 ) -> tuple[optax.GradientTransformation, dict[str, Any]]:
@@ -274,21 +264,35 @@ def build_optimizer(
 
   if isinstance(optimizer, str):
     tx, optimizer_config = _build_by_name(optimizer, kwargs, decay, caller)
+    if decay is not None:
+      warnings.warn(
+        f"`decay`={decay!r} is Keras's legacy learning-rate decay "
+        "(`learning_rate / (1 + decay * t)`), as TFA read it, not the decay "
+        "of the moving average, which is `average_decay`. Keras 3 removed "
+        "`decay`; pass `average_decay=` for the average and a learning-rate "
+        "schedule for the optimizer.",
+        UserWarning,
+        stacklevel=stacklevel,
+      )
   else:
-    given = [lr_name] if "learning_rate" in kwargs else []
-    given += ["decay"] if decay is not None else []
-    if given:
+    if decay is not None:
       raise ValueError(
-        f"`{caller}` got {' and '.join(f'`{k}`' for k in given)} for an "
-        "optimizer that is already built, where they cannot take effect. Pass "
-        "the optimizer by name (e.g. 'sgd') to set them here, or build it with "
-        "them, e.g. optax.sgd(schedule)."
+        f"`{caller}` got `decay`={decay!r} for an optimizer that is already "
+        "built. For the decay of the moving average, pass `average_decay=`. "
+        "(`decay` is Keras's legacy learning-rate decay, which only applies to "
+        "an optimizer given by name, e.g. 'sgd'.)"
+      )
+    if "learning_rate" in kwargs:
+      raise ValueError(
+        f"`{caller}` got `{lr_name}` for an optimizer that is already built, "
+        "where it cannot take effect. Pass the optimizer by name (e.g. 'sgd') "
+        "to set it here, or build it with it, e.g. optax.sgd(schedule)."
       )
     if kwargs:
       raise TypeError(
         f"`{caller}` got unexpected keyword argument(s): {', '.join(sorted(kwargs))}."
       )
-    _check_transformation(optimizer)
+    _transform.check_transformation(optimizer)
     tx, optimizer_config = optimizer, optimizer
 
   transforms = []

@@ -1,0 +1,408 @@
+"""The averaging engine: one pass over the leaves for every average of a state.
+
+Every averaging transform of the package (:func:`optax_ema.moving_average`,
+:func:`optax_ema.power_ema`, :func:`optax_ema.swa`) describes its averages
+as an :class:`Engine` (which rule moves each one, debiasing, masks, dtypes,
+rounding, when to move) and lets it do the work:
+
+- :meth:`Engine.init` builds the averages from the params;
+- :meth:`Engine.update` decides whether this step averages (the wrapped
+  optimizer applied an update, the step is on the ``update_every`` grid, the
+  rule moves, the step is finite), and if so moves every average in one
+  pass over the leaves, inside a ``lax.cond`` whose other branch forwards the
+  buffers untouched; it counts the step and, for a periodic overwrite,
+  returns updates that move the params onto the average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ema import _averages
+from optax_ema import _inner_state
+from optax_ema import _rounding
+from optax_ema import _rules
+from optax_ema import _tree_utils
+
+
+class Slot(NamedTuple):
+  """The static description of one average."""
+
+  decay: Any  # one decay spec, or a PerLeafDecay of them
+  debias: bool = False
+
+  @property
+  def per_leaf(self) -> bool:
+    return isinstance(self.decay, _rules.PerLeafDecay)
+
+
+class SlotState(NamedTuple):
+  """One average as the engine works on it: its tree and debias weight."""
+
+  tree: Any
+  weight: jax.Array | None = None
+
+
+class Averaged(NamedTuple):
+  """What :meth:`Engine.update` returns."""
+
+  slots: list[SlotState]
+  count: jax.Array
+  step_sizes: list[jax.Array]
+  updates: Any
+
+
+def default_ema_dtype(leaf_dtype: Any, ema_dtype: Any) -> Any:
+  """The accumulator dtype of a floating point leaf.
+
+  float16 and bfloat16 leaves accumulate in float32 unless ``ema_dtype`` says
+  otherwise; other real floats keep their dtype; complex leaves always keep
+  theirs (an explicit real ``ema_dtype`` would drop the imaginary part).
+  """
+  leaf_dtype = jnp.dtype(leaf_dtype)
+  if jnp.issubdtype(leaf_dtype, jnp.complexfloating):
+    return leaf_dtype
+  if ema_dtype is not None:
+    return jnp.dtype(ema_dtype)
+  if leaf_dtype.itemsize < 4:
+    return jnp.dtype(jnp.float32)
+  return leaf_dtype
+
+
+def upcast_value(value: Any, compute: Any) -> jax.Array:
+  """``value`` in the ``compute`` dtype, holding exactly its own dtype's values.
+
+  A float16/bfloat16 ``value`` (e.g. ``params + updates`` as
+  ``optax.apply_updates`` rounds it) is re-rounded to its own grid after the
+  upcast with ``lax.reduce_precision``: under ``jit`` XLA may otherwise fuse
+  the low-precision arithmetic into float32 and skip the rounding (excess
+  precision), and the average would see values training never held.
+  """
+  value = jnp.asarray(value)
+  out = value.astype(compute)
+  if (
+    jnp.issubdtype(value.dtype, jnp.floating)
+    and jnp.issubdtype(jnp.dtype(compute), jnp.floating)
+    and jnp.finfo(value.dtype).bits < jnp.finfo(compute).bits
+  ):
+    info = jnp.finfo(value.dtype)
+    out = jax.lax.reduce_precision(
+      out, exponent_bits=info.nexp, mantissa_bits=info.nmant
+    )
+  return out
+
+
+def _latest_value(p: Any, u: Any) -> Any:
+  """What ``optax.apply_updates`` makes of one leaf; keys and float0 stay put."""
+  if u is None or _tree_utils.is_key(p):
+    return p
+  if getattr(u, "dtype", None) == jax.dtypes.float0:
+    return p
+  return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
+
+
+def latest_values(reference: Any, params: Any, updates: Any, sequential: bool) -> Any:
+  """The values the averages move towards, leaf by leaf (``None`` where unused).
+
+  ``params + updates`` as ``optax.apply_updates`` forms them (``sequential``)
+  or ``params``; ``None`` where ``reference`` holds no average.
+  """
+
+  def leaf(a: Any, p: Any, u: Any) -> Any:
+    if _tree_utils.is_none_or_masked(a):
+      return None
+    return _latest_value(p, u) if sequential else p
+
+  return jax.tree.map(
+    leaf, reference, params, updates, is_leaf=_tree_utils.is_none_or_masked
+  )
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """A scalar bool: every floating point leaf of ``tree`` is finite."""
+  flags = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree, is_leaf=_tree_utils.is_none_or_masked)
+    if not _tree_utils.is_none_or_masked(x) and _tree_utils.is_float(x)
+  ]
+  if not flags:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack(flags))
+
+
+def _and(*flags: jax.Array | None) -> jax.Array | None:
+  """Conjunction of scalar bools; ``None`` stands for a static True."""
+  out = None
+  for flag in flags:
+    if flag is not None:
+      out = flag if out is None else out & flag
+  return out
+
+
+def step_leaf(
+  average: Any,
+  value: Any,
+  step: _rules.StepSize,
+  *,
+  weight: jax.Array | None = None,
+  stochastic: bool = False,
+  seed: jax.Array | None = None,
+) -> Any:
+  """One leaf of one averaging step: ``a - w (a - x)`` in at least float32.
+
+  ``None``, masked-out and non-float leaves (ints, bools, PRNG keys: they
+  follow the params, see :meth:`Engine._follow`) stay as they are. A step of
+  ``w = 1``
+  copies ``value`` exactly. A debiased average (``weight`` given) counts as
+  zero until its weight is positive. The result is stored in the average's
+  dtype, stochastically rounded when that is narrower and ``stochastic``.
+  """
+  if _tree_utils.is_none_or_masked(average) or not _tree_utils.is_float(average):
+    return average
+  compute = jnp.promote_types(average.dtype, jnp.float32)
+  a = average.astype(compute)
+  if weight is not None:
+    a = jnp.where(weight > 0, a, jnp.zeros_like(a))
+  v = upcast_value(value, compute)
+  w = step.weight(compute)
+  exact = jnp.where(w == 1, v, a - (a - v) * w)
+  return _rounding.store(exact, average.dtype, stochastic, seed)
+
+
+def _next_weight(weight: jax.Array, w: jax.Array) -> jax.Array:
+  """``1 - prod(decays)`` one step on: the average of a constant 1 from 0.
+
+  Updated with the same rounding as the average itself (``c + (1 - c) w``
+  rather than ``1 - (1 - c) d``), so that the debiased average of constant
+  parameters is exact to float32 rounding.
+  """
+  return weight - (weight - 1.0) * w
+
+
+class Engine(NamedTuple):
+  """The static configuration of every average of one transformation.
+
+  Attributes:
+    slots: one :class:`Slot` per average.
+    make_rule: turns one decay spec into a rule ``count -> StepSize``.
+    ema_dtype: the accumulator dtype (``None``: float32 for float16/bfloat16
+      params, the params' dtype otherwise).
+    mask: the averages' mask (a bool prefix tree, a callable, or ``None``).
+    sequential: average ``params + updates`` (True) or ``params``.
+    update_every: average every this many real steps, by the product of the
+      decays since the last one.
+    stochastic: round narrower storage stochastically (``None`` and True) or
+      to nearest (False).
+    skip_nonfinite: a step with non-finite gradients or new params neither
+      averages nor counts.
+    moves: an extra rule-level gate ``count -> bool`` (SWA's snapshots).
+    interval: the steps one averaging step stands for, for the per-step step
+      size that diagnostics report (``update_every``; SWA's period).
+    overwrite_every: every this many real steps, return updates that move
+      the params onto the average ``overwrite_slot`` (0: never).
+    overwrite_slot: which average overwrites.
+  """
+
+  slots: tuple[Slot, ...]
+  make_rule: Callable[[Any], _rules.Rule]
+  ema_dtype: Any = None
+  mask: Any = None
+  sequential: bool = True
+  update_every: int = 1
+  stochastic: bool | None = None
+  skip_nonfinite: bool = False
+  moves: Callable[[jax.Array], jax.Array] | None = None
+  interval: int = 1
+  overwrite_every: int = 0
+  overwrite_slot: int = 0
+
+  # -- init --------------------------------------------------------------------
+
+  def init(self, params: Any) -> tuple[list[SlotState], list[jax.Array]]:
+    """The averages (copies of ``params``) and their initial step sizes."""
+    if _tree_utils.is_placeholder(params):
+      # optax.tree_map_params: the averages are param-shaped; say so.
+      weights = [jnp.zeros([], jnp.float32) if s.debias else None for s in self.slots]
+      slots = [SlotState(params, w) for w in weights]
+      return slots, [jnp.ones([], jnp.float32) for _ in self.slots]
+    mask = _tree_utils.expand_mask(self.mask, params)
+    slots, step_sizes = [], []
+    for slot in self.slots:
+      tree = _tree_utils.map_selected(self._init_leaf, mask, params)
+      _rules.leaf_rules(slot.decay, tree, self.make_rule)  # a bad prefix fails here
+      n = len(jax.tree.leaves(tree))
+      shape = [n] if slot.per_leaf else []
+      weight = jnp.zeros(shape, jnp.float32) if slot.debias else None
+      slots.append(SlotState(tree, weight))
+      step_sizes.append(jnp.ones(shape, jnp.float32))
+    return slots, step_sizes
+
+  def _init_leaf(self, p: Any) -> Any:
+    if _tree_utils.is_float(p):
+      dtype = default_ema_dtype(jnp.asarray(p).dtype, self.ema_dtype)
+      return jnp.array(p, dtype=dtype, copy=True)  # explicit: never weak
+    if _tree_utils.is_key(p):
+      data = jnp.array(jax.random.key_data(p), copy=True)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(p))
+    # An explicit dtype: a Python scalar leaf would otherwise be stored
+    # weakly typed and change type (and retrace) after the first update.
+    return jnp.array(p, dtype=jnp.asarray(p).dtype, copy=True)
+
+  # -- update ------------------------------------------------------------------
+
+  def update(
+    self,
+    slots: list[SlotState],
+    count: jax.Array,
+    step_sizes: list[jax.Array],
+    *,
+    params: Any,
+    grads: Any,
+    updates: Any,
+    inner_before: Any,
+    inner_after: Any,
+  ) -> Averaged:
+    """One step: average if this step averages, count it, maybe overwrite."""
+    reference = slots[0].tree
+    values = latest_values(reference, params, updates, self.sequential)
+    finite = None
+    if self.skip_nonfinite:
+      finite = all_finite(grads) & all_finite(values)
+    real = _and(_inner_state.applied_update(inner_before, inner_after), finite)
+    on_grid = None
+    if self.update_every > 1:
+      on_grid = (count + 1) % self.update_every == 0
+    rule_moves = None if self.moves is None else self.moves(count)
+    moves = _and(real, on_grid, rule_moves)
+
+    if moves is None:
+      new_slots, new_sizes = self._average(slots, step_sizes, values, count)
+    else:
+      # Steps that do not average take the identity branch: no average
+      # memory is read or written. Only the new params go in, already
+      # formed: params and updates as operands made XLA copy both.
+      new_slots, new_sizes = jax.lax.cond(
+        moves,
+        self._average,
+        lambda s, z, v, c: (s, z),
+        slots,
+        step_sizes,
+        values,
+        count,
+      )
+    new_slots = [self._follow(s, values, real) for s in new_slots]
+    new_count = optax.safe_increment(count)
+    if real is not None:
+      new_count = jnp.where(real, new_count, count)
+    out_updates = updates
+    if self.overwrite_every:
+      now = _and(real, (count + 1) % self.overwrite_every == 0)
+      out_updates = jax.lax.cond(
+        now,
+        self._overwrite,
+        lambda u, s, p: u,
+        updates,
+        new_slots[self.overwrite_slot],
+        params,
+      )
+    return Averaged(new_slots, new_count, new_sizes, out_updates)
+
+  def _follow(self, slot: SlotState, values: Any, real: jax.Array | None) -> SlotState:
+    """Non-float leaves are not averaged: they take the latest value of a step.
+
+    Outside the conditional, so that they follow every step that counts,
+    also those that do not average (they are small: counters, PRNG keys).
+    """
+
+    def leaf(a: Any, v: Any) -> Any:
+      if _tree_utils.is_none_or_masked(a) or _tree_utils.is_float(a):
+        return a
+      new = v if _tree_utils.is_key(a) else jnp.asarray(v).astype(a.dtype)
+      return new if real is None else jax.lax.select(real, new, a)
+
+    tree = jax.tree.map(leaf, slot.tree, values, is_leaf=_tree_utils.is_none_or_masked)
+    return slot._replace(tree=tree)
+
+  def _average(
+    self,
+    slots: list[SlotState],
+    step_sizes: list[jax.Array],
+    values: Any,
+    count: jax.Array,
+  ) -> tuple[list[SlotState], list[jax.Array]]:
+    """Moves every average one step, in a single pass over the leaves."""
+    del step_sizes  # replaced by this step's
+    ref_leaves, treedef = jax.tree_util.tree_flatten(
+      slots[0].tree, is_leaf=_tree_utils.is_none_or_masked
+    )
+    value_leaves = treedef.flatten_up_to(values)
+    # Position of each leaf among the array leaves (jax.tree.leaves order).
+    array_index, n = [], 0
+    for leaf in ref_leaves:
+      array_index.append(n if not _tree_utils.is_none_or_masked(leaf) else None)
+      n += 0 if _tree_utils.is_none_or_masked(leaf) else 1
+
+    steps = []
+    for slot in self.slots:
+      rules = _rules.leaf_rules(slot.decay, slots[0].tree, self.make_rule)
+      cache: dict[int, _rules.StepSize] = {}
+      steps.append(
+        [
+          cache.setdefault(id(r), _rules.interval_step(r, count, self.update_every))
+          for r in rules
+        ]
+      )
+    stochastic = self.stochastic is not False
+    out_slots, out_sizes = [], []
+    for j, (slot, state) in enumerate(zip(self.slots, slots, strict=True)):
+      avg_leaves = treedef.flatten_up_to(state.tree)
+      new_leaves = []
+      for i, (a, v) in enumerate(zip(avg_leaves, value_leaves, strict=True)):
+        weight = None
+        if slot.debias:
+          k = array_index[i]
+          weight = state.weight[k] if slot.per_leaf and k is not None else state.weight
+        new_leaves.append(
+          step_leaf(
+            a,
+            v,
+            steps[j][i],
+            weight=weight,
+            stochastic=stochastic,
+            seed=_rounding.rounding_seed(count, i, j),
+          )
+        )
+      tree = treedef.unflatten(new_leaves)
+      ws = [
+        steps[j][i].weight(jnp.float32)
+        for i, k in enumerate(array_index)
+        if k is not None
+      ]
+      w = jnp.stack(ws) if slot.per_leaf else steps[j][0].weight(jnp.float32)
+      weight = None if state.weight is None else _next_weight(state.weight, w)
+      out_slots.append(SlotState(tree, weight))
+      out_sizes.append(_rules.per_step(w, self.interval))
+    return out_slots, out_sizes
+
+  def _overwrite(self, updates: Any, slot: SlotState, params: Any) -> Any:
+    """Updates that move the params onto the (debiased) average ``slot``."""
+    average = slot.tree
+    if slot.weight is not None:
+      average = _averages.debiased_value(average, slot.weight)
+
+    def leaf(a: Any, u: Any, p: Any) -> Any:
+      if _tree_utils.is_none_or_masked(a) or not _tree_utils.is_float(a):
+        return u
+      if u is None or not _tree_utils.is_float(u):
+        return u
+      return (a.astype(p.dtype) - p).astype(u.dtype)
+
+    return jax.tree.map(
+      leaf, average, updates, params, is_leaf=_tree_utils.is_none_or_masked
+    )

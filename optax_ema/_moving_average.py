@@ -1,0 +1,341 @@
+"""The moving-average wrapper: TFA's ``MovingAverage`` as an Optax transform."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ema import _averages
+from optax_ema import _engine
+from optax_ema import _rules
+from optax_ema import _transform
+from optax_ema import _validation
+
+DecayLike = float | jax.typing.ArrayLike | Callable[[jax.Array], jax.typing.ArrayLike]
+
+
+class MovingAverageState(NamedTuple):
+  """State of :func:`moving_average`.
+
+  Attributes:
+    inner_state: the wrapped optimizer's state.
+    average: the moving average of the parameters, a tree with the structure
+      of the parameters. Floating point leaves hold the average (in float32
+      for float16/bfloat16 parameters unless ``ema_dtype`` says otherwise);
+      non-float leaves hold the latest parameter value; masked-out leaves are
+      ``optax.MaskedNode()`` and ``None`` leaves stay ``None``. With several
+      decays an :class:`optax_ema.Averages` (one such tree per decay), with
+      ``debias=True`` a :class:`optax_ema.DebiasedAverage`; read it with
+      :func:`optax_ema.averaged_params` in every case.
+    count: int32 scalar, the number of updates the wrapped optimizer applied
+      so far (saturating): micro-steps of ``optax.MultiSteps``, steps that
+      ``optax.apply_if_finite`` rejected and steps skipped by
+      ``skip_nonfinite`` do not count.
+    step_size: float32, the weight the last averaging step gave the new
+      parameters, per step (``1 - decay``; with ``update_every=k`` the
+      per-step equivalent of the step taken), 1 before any: what
+      :func:`optax_ema.diagnostics` reports as the decay and the window. A
+      scalar, a vector (one entry per array leaf, as the debias weight) for
+      per-leaf decays, a tuple of those with several decays.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> tx = optax_ema.moving_average(optax.sgd(1.0), average_decay=0.5)
+    >>> state = tx.init({"w": jnp.array([2.0])})
+    >>> _, state = tx.update({"w": jnp.array([1.0])}, state, {"w": jnp.array([2.0])})
+    >>> print(int(state.count), f"{state.average['w'][0]:.2f} {state.step_size:.2f}")
+    1 1.50 0.50
+  """
+
+  inner_state: optax.OptState
+  average: optax.Params
+  count: jax.Array
+  step_size: Any
+
+
+class _Layout:
+  """How :class:`MovingAverageState` holds the engine's averages."""
+
+  state_type = MovingAverageState
+
+  def __init__(self, keys: tuple[Any, ...], labels: tuple[Any, ...], several: bool):
+    self.keys, self.labels, self.several = keys, labels, several
+
+  def pack(
+    self,
+    inner_state: Any,
+    slots: list[_engine.SlotState],
+    count: jax.Array,
+    step_sizes: list[jax.Array],
+  ) -> MovingAverageState:
+    trees = [
+      s.tree if s.weight is None else _averages.DebiasedAverage(s.tree, s.weight)
+      for s in slots
+    ]
+    if self.several:
+      average = _averages.Averages(trees, self.keys, self.labels)
+      return MovingAverageState(inner_state, average, count, tuple(step_sizes))
+    return MovingAverageState(inner_state, trees[0], count, step_sizes[0])
+
+  def unpack(
+    self, state: MovingAverageState
+  ) -> tuple[Any, list[_engine.SlotState], jax.Array, list[jax.Array]]:
+    if self.several:
+      trees, sizes = list(state.average.averages), list(state.step_size)
+    else:
+      trees, sizes = [state.average], [state.step_size]
+    slots = [
+      _engine.SlotState(t.average, t.weight)
+      if isinstance(t, _averages.DebiasedAverage)
+      else _engine.SlotState(t)
+      for t in trees
+    ]
+    return state.inner_state, slots, state.count, sizes
+
+
+def _check_rounding(stochastic_rounding: Any, ema_dtype: Any, decays: Any) -> None:
+  if stochastic_rounding is None:
+    return
+  _validation.check_bool(stochastic_rounding, "stochastic_rounding")
+  narrow = ema_dtype is not None and jnp.dtype(ema_dtype).itemsize < 4
+  if stochastic_rounding and not narrow:
+    raise ValueError(
+      "`stochastic_rounding=True` needs `ema_dtype=jnp.bfloat16` or "
+      "`jnp.float16` (it rounds the float32 result to that storage), got "
+      f"`ema_dtype`={ema_dtype!r}."
+    )
+  if not stochastic_rounding and narrow:
+    for decay in decays:
+      specs = decay.prefix if isinstance(decay, _rules.PerLeafDecay) else decay
+      for d in jax.tree.leaves(specs, is_leaf=callable):
+        _validation.warn_if_unresolvable(d, ema_dtype, "average_decay")
+
+
+def _overwrite_slot(
+  overwrite_every: Any, overwrite_with: Any, update_every: int, layout: _Layout
+) -> tuple[int, int]:
+  """``(overwrite_every, slot)``: 0 when the params are never overwritten."""
+  if overwrite_every is None:
+    if overwrite_with is not None:
+      raise ValueError(
+        "`overwrite_with` picks the average that overwrites the params, so it "
+        "needs `overwrite_every`; got `overwrite_every=None`."
+      )
+    return 0, 0
+  every = _validation.static_int(overwrite_every, "overwrite_every")
+  if every % update_every:
+    raise ValueError(
+      f"`overwrite_every`={every} must be a multiple of `update_every`="
+      f"{update_every}: the params can only move onto an average on a step "
+      "that averages."
+    )
+  if not layout.several:
+    if overwrite_with is not None:
+      raise ValueError(
+        f"`overwrite_with` must be None for a single average, got {overwrite_with!r}."
+      )
+    return every, 0
+  if overwrite_with is None:
+    raise ValueError(
+      f"`overwrite_every` with {len(layout.keys)} averages is ambiguous: pass "
+      "`overwrite_with=` the one that overwrites the params, one of: "
+      f"{_averages.describe_choices(layout.keys, layout.labels, 'decay')}."
+    )
+  return every, _averages.resolve_which(
+    overwrite_with, layout.keys, layout.labels, "decay"
+  )
+
+
+def moving_average(
+  optimizer: optax.GradientTransformation,
+  average_decay: DecayLike = 0.99,
+  *,
+  sequential_update: bool = True,
+  num_updates: int | None = None,
+  start_step: int = 0,
+  dynamic_decay: bool = False,
+  ema_dtype: jax.typing.DTypeLike | None = None,
+  mask: Any = None,
+  skip_nonfinite: bool = False,
+  debias: bool = False,
+  update_every: int | None = None,
+  stochastic_rounding: bool | None = None,
+  overwrite_every: int | None = None,
+  overwrite_with: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps an optimizer to keep an exponential moving average of the params.
+
+  A port of TensorFlow Addons' ``tfa.optimizers.MovingAverage``. The wrapped
+  optimizer's updates are returned unchanged (wrapping never changes
+  training, unless ``overwrite_every`` asks for it); after each update the
+  state also holds
+
+  .. math::
+
+    \\bar{x}_{t+1} = \\bar{x}_t - (1 - d_t)\\,(\\bar{x}_t - x)
+
+  where :math:`x` is the parameters after the update (``sequential_update=True``,
+  TFA's default) or before it (``False``), and, with :math:`t` the number of
+  updates applied before this one,
+
+  - :math:`D = \\min(\\text{average\\_decay}, \\frac{1 + n}{10 + n})` when
+    ``num_updates=n`` is given, else ``average_decay`` (or its value at
+    :math:`t` when it is a schedule);
+  - :math:`d_t = 0` for :math:`t <` ``start_step`` (the average copies the
+    parameters);
+  - :math:`d_t = \\min(D, \\frac{1 + t - s}{10 + t - s})` with ``dynamic_decay``,
+    where :math:`s` is ``start_step``;
+  - :math:`d_t = D` otherwise.
+
+  The decay is computed in float32, as TFA does. Read the average with
+  :func:`optax_ema.averaged_params`.
+
+  The average moves exactly on the steps where the wrapped optimizer applies
+  an update: inside ``moving_average``, an ``optax.MultiSteps`` micro-step
+  and a step that ``optax.apply_if_finite`` rejects neither move nor count
+  (and ``optax.MultiSteps(moving_average(...))`` gives the same average).
+
+  Beyond TFA (all off by default): several averages at once, per-leaf
+  decays, zero-debiasing, averaging only every k-th step, low-precision
+  storage, periodically moving the params onto the average; see the
+  arguments below and :mod:`optax_ema.schedules` for decay schedules.
+
+  Args:
+    optimizer: the optax transformation to wrap, or the name of an optax
+      optimizer (``"sgd"``, ``"adam"``, ...), built with
+      ``optax.inject_hyperparams`` so that its learning rate lives in the
+      state (Keras's default learning rate when none is given).
+    average_decay: a float in [0, 1] or a schedule ``count -> decay`` (e.g.
+      from :mod:`optax_ema.schedules`); or
+      :func:`optax_ema.schedules.per_leaf` of a pytree prefix of those (one
+      decay per parameter subtree); or a tuple/list or a dict of any of
+      these, which keeps one average per entry, updated in the same pass
+      (the state's ``average`` is then an :class:`optax_ema.Averages`; pick
+      one with ``averaged_params(..., which=...)``). A decay in a dtype
+      narrower than float32 is an error (it rounds 0.999 to 1.0).
+    sequential_update: average the parameters after this step's update
+      (True, TFA's default) or before it (False; TFA computed the two "at the
+      same time", a race it left unspecified, and this is the deterministic
+      reading of it).
+    num_updates: an optional non-negative int; clamps the decay once to
+      ``min(average_decay, (1 + num_updates) / (10 + num_updates))``.
+    start_step: before this many updates, the average copies the parameters.
+    dynamic_decay: ramp the decay up as ``(1 + t) / (10 + t)`` from
+      ``start_step`` (the first averaged step uses 0.1).
+    ema_dtype: accumulator dtype for floating point leaves. ``None`` keeps
+      float32/float64 leaves in their own dtype and accumulates float16 and
+      bfloat16 leaves in float32.
+    mask: optional pytree prefix of bools, or a callable of params returning
+      one; leaves marked ``False`` are not averaged and cost no memory (they
+      are stored as ``optax.MaskedNode()``). Under
+      ``optax.inject_hyperparams`` a callable mask needs
+      ``static_args=("mask",)``.
+    skip_nonfinite: if True, a step whose incoming gradients or new
+      parameters hold a NaN or an infinity leaves the average and the count
+      untouched (the inner optimizer's update is still returned as it is).
+    debias: if True, the average counts as zero until its first averaging
+      step and is read through the bias correction
+      ``average / (1 - prod(decays so far))`` (exact under schedules: the
+      state keeps the running product in a :class:`optax_ema.DebiasedAverage`);
+      :func:`optax_ema.averaged_params` applies it, and returns the params
+      before the first averaging step.
+    update_every: ``None`` (every step) or a positive int ``k``: move the
+      average only on every k-th update (``(t + 1) % k == 0``), by the product
+      of the decays of the ``k`` updates since the last move (``decay ** k``
+      for a constant decay), so the averaging window in steps does not
+      change; the other steps do not touch the average (a ``lax.cond``).
+    stochastic_rounding: how an average stored in a narrower dtype than it is
+      computed in (``ema_dtype=jnp.bfloat16`` or ``jnp.float16``) is rounded.
+      ``None`` (the default) and ``True`` round each new average up or down
+      at random, unbiased, with bits that are a fixed function of the step
+      and the leaf (identical on every device): it keeps moving where
+      nearest rounding gets stuck. ``False`` rounds to nearest (and warns
+      when a constant decay's step is below what the storage resolves).
+    overwrite_every: ``None`` or a positive multiple ``k`` of
+      ``update_every``: on every k-th update, return updates that move the
+      params onto the new average (so that ``optax.apply_updates`` leaves the
+      params equal to it, to one rounding), "Switch EMA"; training continues
+      from there. Masked-out and non-float leaves are never overwritten.
+    overwrite_with: with several decays, which average overwrites the params
+      (as ``which=`` of :func:`optax_ema.averaged_params`); required there.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`MovingAverageState`. ``update`` requires ``params`` and forwards
+    any extra keyword arguments to ``optimizer``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> params = {"w": jnp.array([1.0, 2.0])}
+    >>> tx = optax_ema.moving_average(optax.sgd(2.0), average_decay=0.5)
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...   grads = {"w": jnp.array([0.1, 0.1])}
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print([f"{x:.2f}" for x in params["w"]])
+    ['0.60', '1.60']
+    >>> print([f"{x:.2f}" for x in optax_ema.averaged_params(state)["w"]])
+    ['0.75', '1.75']
+
+  References:
+    TensorFlow Addons, ``tfa.optimizers.MovingAverage`` (r0.7 - 0.23).
+    Polyak & Juditsky, "Acceleration of Stochastic Approximation by
+    Averaging", SIAM J. Control Optim. 30(4), 1992.
+    Li et al., "Switch EMA: A Free Lunch for Better Flatness and Sharpness",
+    2024 (``overwrite_every``).
+
+  .. warning::
+    With float16/bfloat16 parameters, keep the default float32 accumulator
+    where memory allows; a bfloat16 or float16 average relies on stochastic
+    rounding to move at high decays.
+  """
+  decays, keys, several = _averages.split_decays(average_decay)
+  for name, value in (
+    ("sequential_update", sequential_update),
+    ("dynamic_decay", dynamic_decay),
+    ("skip_nonfinite", skip_nonfinite),
+    ("debias", debias),
+  ):
+    _validation.check_bool(value, name)
+  _validation.check_int(num_updates, "num_updates", allow_none=True)
+  _validation.check_int(start_step, "start_step")
+  _validation.check_ema_dtype(ema_dtype)
+  _validation.check_mask(mask)
+  every = (
+    1 if update_every is None else _validation.static_int(update_every, "update_every")
+  )
+  _check_rounding(stochastic_rounding, ema_dtype, decays)
+  layout = _Layout(keys, tuple(_averages.decay_label(d) for d in decays), several)
+  overwrite, slot = _overwrite_slot(overwrite_every, overwrite_with, every, layout)
+  engine = _engine.Engine(
+    slots=tuple(_engine.Slot(d, bool(debias)) for d in decays),
+    make_rule=functools.partial(
+      _rules.decay_rule,
+      num_updates=num_updates,
+      start_step=start_step,
+      dynamic_decay=bool(dynamic_decay),
+    ),
+    ema_dtype=ema_dtype,
+    mask=mask,
+    sequential=bool(sequential_update),
+    update_every=every,
+    stochastic=stochastic_rounding,
+    skip_nonfinite=bool(skip_nonfinite),
+    interval=every,
+    overwrite_every=overwrite,
+    overwrite_slot=slot,
+  )
+  return _transform.averaging_transformation(
+    optimizer, engine, layout, "moving_average"
+  )

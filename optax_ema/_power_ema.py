@@ -1,0 +1,182 @@
+"""Power-function EMA (Karras et al., EDM2): several profiles in one pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ema import _engine
+from optax_ema import _power_math
+from optax_ema import _rules
+from optax_ema import _transform
+from optax_ema import _validation
+
+
+class PowerEmaState(NamedTuple):
+  """State of :func:`power_ema`.
+
+  Attributes:
+    inner_state: the wrapped optimizer's state.
+    averages: a dict from ``repr(sigma_rel)`` (e.g. ``"0.05"``) to that
+      profile's average, a tree with the structure of the parameters (float
+      leaves in float32 for float16/bfloat16 parameters unless ``ema_dtype``
+      says otherwise; non-float leaves hold the latest value; masked-out
+      leaves are ``optax.MaskedNode()``; ``None`` leaves stay ``None``). The
+      keys are static, so the state traces under ``jax.jit`` as usual.
+    count: int32 scalar, the number of updates applied so far (saturating);
+      the averages cover updates ``1 .. count``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+    >>> state = tx.init(params)
+    >>> print(type(state).__name__, sorted(state.averages))
+    PowerEmaState ['0.05', '0.1']
+    >>> for _ in range(4):
+    ...   updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(int(state.count), f"{state.averages['0.1']['w'][0]:.4f}")
+    4 3.8940
+  """
+
+  inner_state: optax.OptState
+  averages: dict[str, optax.Params]
+  count: jax.Array
+
+
+def sigma_rel_key(sigma_rel: float) -> str:
+  """The key of a profile in :attr:`PowerEmaState.averages`."""
+  return repr(float(sigma_rel))
+
+
+def tracked_sigma_rels(state: PowerEmaState) -> list[float]:
+  """The sigma_rel values a state tracks, in increasing order."""
+  return sorted(float(k) for k in state.averages)
+
+
+class _Layout:
+  """How :class:`PowerEmaState` holds the engine's averages (by key)."""
+
+  state_type = PowerEmaState
+
+  def __init__(self, keys: tuple[str, ...]) -> None:
+    self.keys = keys
+
+  def pack(
+    self,
+    inner_state: Any,
+    slots: list[_engine.SlotState],
+    count: jax.Array,
+    step_sizes: list[jax.Array],
+  ) -> PowerEmaState:
+    del step_sizes  # a profile's step size follows from the count
+    averages = {k: s.tree for k, s in zip(self.keys, slots, strict=True)}
+    return PowerEmaState(inner_state, averages, count)
+
+  def unpack(
+    self, state: PowerEmaState
+  ) -> tuple[Any, list[_engine.SlotState], jax.Array, list[jax.Array]]:
+    slots = [_engine.SlotState(state.averages[k]) for k in self.keys]
+    sizes = [jnp.ones([], jnp.float32) for _ in self.keys]
+    return state.inner_state, slots, state.count, sizes
+
+
+def power_ema(
+  optimizer: optax.GradientTransformation,
+  sigma_rels: Sequence[float] = (0.05, 0.10),
+  *,
+  ema_dtype: jax.typing.DTypeLike | None = None,
+  mask: Any = None,
+  stochastic_rounding: bool | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps an optimizer to keep power-function EMAs of the parameters (EDM2).
+
+  Keeps one average per ``sigma_rel``, all advanced in a single pass over the
+  parameters. With :math:`t` the index of the update (the first is
+  :math:`t = 1`), :math:`x_t` the parameters after it, and :math:`\\gamma`
+  the exponent of the profile (:func:`optax_ema.posthoc.sigma_rel_to_gamma`),
+
+  .. math::
+
+    \\hat{x}_t = \\beta_\\gamma(t)\\,\\hat{x}_{t-1} + (1 - \\beta_\\gamma(t))\\,x_t,
+    \\qquad \\beta_\\gamma(t) = (1 - 1/t)^{\\gamma + 1},
+
+  which is the weighted mean :math:`\\sum_{i \\le t} w_i x_i` with
+  :math:`w_i = (i^{\\gamma+1} - (i-1)^{\\gamma+1}) / t^{\\gamma+1}`: weights
+  growing like :math:`i^\\gamma`, a profile whose width is the fraction
+  ``sigma_rel`` of the run so far, whatever its length. The increment
+  :math:`1 - \\beta` is computed in float32 with ``expm1``/``log1p`` so that it
+  stays accurate for long runs. The updates of ``optimizer`` are returned
+  unchanged, and :math:`t` counts the updates it applies (not
+  ``optax.MultiSteps`` micro-steps). Read one average with
+  ``optax_ema.averaged_params(state, params, which=sigma_rel)`` and save
+  snapshots for post-hoc reconstruction with :mod:`optax_ema.posthoc`.
+
+  Args:
+    optimizer: the optax transformation to wrap, or the name of an optax
+      optimizer, as for :func:`optax_ema.moving_average`.
+    sigma_rels: the profile widths to track, each in ``(0, 0.30028]``
+      (EDM2 tracks 0.05 and 0.10). Stored in increasing order.
+    ema_dtype: accumulator dtype for floating point leaves. ``None`` keeps
+      float32/float64 leaves in their own dtype and accumulates float16 and
+      bfloat16 leaves in float32.
+    mask: optional pytree prefix of bools, or a callable of params returning
+      one; leaves marked ``False`` are not averaged and cost no memory.
+    stochastic_rounding: for a bfloat16/float16 ``ema_dtype``, round each new
+      average stochastically (``None``, the default, and ``True``) or to
+      nearest (``False``), as in :func:`optax_ema.moving_average`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`PowerEmaState`. ``update`` requires ``params`` and forwards any
+    extra keyword arguments to ``optimizer``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(f"{params['w'][0]:.1f}")
+    3.0
+    >>> avg = optax_ema.averaged_params(state, params, which=0.10)
+    >>> print(f"{avg['w'][0]:.4f}")
+    2.9598
+
+  References:
+    Karras, Aittala, Lehtinen, Hellsten, Aila, Laine, "Analyzing and Improving
+    the Training Dynamics of Diffusion Models", CVPR 2024 (EDM2), section 3.1
+    and appendix C.1.
+
+  .. note::
+    Unlike a constant-decay EMA, the profile forgets the start of training
+    only in proportion: early parameters keep a weight of order
+    :math:`(i / t)^{\\gamma+1}`.
+  """
+  sigmas = _validation.check_sigma_rels(sigma_rels)
+  _validation.check_ema_dtype(ema_dtype)
+  _validation.check_mask(mask)
+  if stochastic_rounding is not None:
+    _validation.check_bool(stochastic_rounding, "stochastic_rounding")
+  gammas = tuple(_power_math.sigma_rel_to_gamma(s) for s in sigmas)
+  engine = _engine.Engine(
+    slots=tuple(_engine.Slot(g) for g in gammas),
+    make_rule=_rules.power_rule,
+    ema_dtype=ema_dtype,
+    mask=mask,
+    stochastic=stochastic_rounding,
+  )
+  layout = _Layout(tuple(sigma_rel_key(s) for s in sigmas))
+  return _transform.averaging_transformation(optimizer, engine, layout, "power_ema")

@@ -1,0 +1,292 @@
+"""Reading the averages out of any optimizer state.
+
+Every averaging state of the package is found by type, wherever it sits in
+an optimizer state (or in any pytree holding one), and read as a list of
+:class:`View`: one per average it keeps, each with its key, the value
+``which=`` can name it by, the averaged parameters (debiased where needed)
+and its last step size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ema import _averages
+from optax_ema import _moving_average
+from optax_ema import _power_ema
+from optax_ema import _power_math
+from optax_ema import _swa
+from optax_ema import _tree_utils
+
+
+class View(NamedTuple):
+  """One average of a state, as the readers see it."""
+
+  key: Any
+  value: Any  # what `which=` may name it by: a constant decay, a sigma_rel
+  tree: Any  # the averaged params (debiased), MaskedNode where not averaged
+  step_size: jax.Array  # per-step weight of the last averaging step
+  empty: jax.Array | None = None  # debiased and nothing averaged yet (per leaf)
+
+
+class Reader(NamedTuple):
+  """How to read one state type."""
+
+  views: Callable[[Any], list[View]]
+  noun: str  # what a view's value is: "decay", "sigma_rel"
+  several: Callable[[list[View]], str]  # the error when `which` is missing
+  single_takes_which: bool = False  # whether `which` may pick the only average
+  hint: Callable[[list[View]], str] = lambda views: ""
+
+
+def _moving_views(state: _moving_average.MovingAverageState) -> list[View]:
+  average, sizes = state.average, state.step_size
+  if isinstance(average, _averages.Averages):
+    trees, keys, values = average.averages, average.keys, average.decays
+    sizes = list(sizes)
+  else:
+    trees, keys, values, sizes = [average], [0], [None], [sizes]
+  out = []
+  for key, value, tree, size in zip(keys, values, trees, sizes, strict=True):
+    empty = None
+    if isinstance(tree, _averages.DebiasedAverage):
+      empty = jnp.asarray(tree.weight) == 0
+      tree = _averages.debiased_value(tree.average, tree.weight)
+    out.append(View(key, value, tree, size, empty))
+  return out
+
+
+def _power_views(state: _power_ema.PowerEmaState) -> list[View]:
+  count = jnp.asarray(state.count)
+  out = []
+  for s in _power_ema.tracked_sigma_rels(state):
+    key = _power_ema.sigma_rel_key(s)
+    gamma = _power_math.sigma_rel_to_gamma(s)
+    w = _power_math.power_weight(jnp.maximum(count - 1, 0), gamma)
+    out.append(View(key, s, state.averages[key], jnp.where(count > 0, w, 1.0)))
+  return out
+
+
+def _swa_views(state: _swa.SWAState) -> list[View]:
+  return [View(0, None, state.average, state.step_size)]
+
+
+def _tracked(views: list[View]) -> str:
+  return ", ".join(f"{v.value!r}" for v in views)
+
+
+_READERS: dict[type, Reader] = {
+  _moving_average.MovingAverageState: Reader(
+    _moving_views,
+    "decay",
+    lambda views: (
+      f"This state keeps {len(views)} averages (one per decay); pass `which=` "
+      "one of: "
+      + _averages.describe_choices(
+        [v.key for v in views], [v.value for v in views], "decay"
+      )
+      + "."
+    ),
+  ),
+  _power_ema.PowerEmaState: Reader(
+    _power_views,
+    "sigma_rel",
+    lambda views: (
+      f"This power_ema state tracks {len(views)} profiles (sigma_rel "
+      f"{_tracked(views)}): pass `which=` one of them, or its index "
+      f"0..{len(views) - 1}."
+    ),
+    single_takes_which=True,
+    hint=lambda views: (
+      f" This state tracks sigma_rel {_tracked(views)}; for another sigma_rel, "
+      "save snapshots and use optax_ema.posthoc.reconstruct."
+    ),
+  ),
+  _swa.SWAState: Reader(_swa_views, "decay", lambda views: ""),
+}
+
+
+def is_average_state(x: Any) -> bool:
+  return isinstance(x, tuple(_READERS))
+
+
+def find_average_states(opt_state: Any) -> list[tuple[tuple[Any, ...], Any]]:
+  """Every averaging state inside ``opt_state``, with its pytree path."""
+  if is_average_state(opt_state):
+    return [((), opt_state)]
+  flat, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_average_state)
+  return [(path, x) for path, x in flat if is_average_state(x)]
+
+
+def _looks_restored_without_target(tree: Any) -> bool:
+  """A state that Orbax restored without a target: dicts with our field names."""
+  fields = ({"inner_state", "count", "average"}, {"inner_state", "count", "averages"})
+  found = False
+
+  def visit(x: Any) -> None:
+    nonlocal found
+    if isinstance(x, dict):
+      if any(f <= set(x) for f in fields):
+        found = True
+      for v in x.values():
+        visit(v)
+    elif isinstance(x, (list, tuple)):
+      for v in x:
+        visit(v)
+
+  visit(tree)
+  return found
+
+
+def find_average_state(opt_state: Any, caller: str = "averaged_params") -> Any:
+  """The single averaging state inside ``opt_state``; ValueError otherwise."""
+  found = find_average_states(opt_state)
+  if not found:
+    names = ", ".join(sorted(t.__name__ for t in _READERS))
+    if _looks_restored_without_target(opt_state):
+      raise ValueError(
+        f"`{caller}` found no averaging state ({names}) in `opt_state`, but it "
+        "holds plain dicts and lists with their field names: it was restored "
+        "(by Orbax) without a target. Restore it with a target, "
+        "`jax.eval_shape(tx.init, params)`; for a checkpoint written by "
+        "optax_ema 0.1.0, convert the restored tree with "
+        "`optax_ema.upgrade_state(restored, jax.eval_shape(tx.init, params))`."
+      )
+    raise ValueError(
+      f"`{caller}` found no averaging state ({names}) in `opt_state` "
+      f"(a {type(opt_state).__name__}); was the optimizer wrapped with "
+      "optax_ema.moving_average?"
+    )
+  if len(found) > 1:
+    where = ", ".join(
+      f"{type(s).__name__} at opt_state{_tree_utils.keystr(p)}" for p, s in found
+    )
+    raise ValueError(
+      f"`{caller}` found {len(found)} averaging states in `opt_state`: "
+      f"{where}; pass the one you want, e.g. `{caller}(opt_state[0], ...)`."
+    )
+  return found[0][1]
+
+
+def views(state: Any) -> tuple[Reader, list[View]]:
+  reader = _READERS[type(state)]
+  return reader, reader.views(state)
+
+
+def pick(state: Any, which: Any) -> View:
+  """The view of ``state`` that ``which`` names (one rule for every state)."""
+  reader, all_views = views(state)
+  if which is None:
+    if len(all_views) == 1:
+      return all_views[0]
+    raise ValueError(reader.several(all_views))
+  if len(all_views) == 1 and not reader.single_takes_which:
+    raise ValueError(
+      f"`which` must be None for a state with a single average, got {which!r}."
+    )
+  keys = [v.key for v in all_views]
+  values = [v.value for v in all_views]
+  try:
+    return all_views[_averages.resolve_which(which, keys, values, reader.noun)]
+  except ValueError as err:
+    raise ValueError(f"{err}{reader.hint(all_views)}") from None
+
+
+def averaged_params(
+  opt_state: optax.OptState,
+  params: optax.Params | None = None,
+  *,
+  which: Any = None,
+) -> optax.Params:
+  """Returns the averaged parameters held in an optimizer state.
+
+  Finds the single :class:`MovingAverageState` (or other averaging state of
+  this package) anywhere inside ``opt_state``: at its root, inside
+  ``optax.chain`` / ``optax.named_chain`` / ``optax.inject_hyperparams`` /
+  ``optax.MultiSteps`` / ``optax.masked`` states, or inside any pytree that
+  holds one (e.g. a Flax ``TrainState``).
+
+  Args:
+    opt_state: an optimizer state, or any pytree holding one.
+    params: optional current parameters. When given, float leaves come back
+      in the params' dtypes, leaves that are not averaged (masked out, or not
+      floating point) come from ``params``, and the structure is checked.
+    which: for a state that keeps several averages (``average_decay`` a
+      tuple or dict, several ``sigma_rels``), which one to return: an
+      index, a key, or a decay (``sigma_rel``) value, matched as float32.
+      Required there (the error lists the choices); must be ``None`` for a
+      state with one moving average.
+
+  Returns:
+    A pytree with the structure of the parameters. A debiased average
+    (``debias=True``) comes back bias-corrected, ``average / weight``, and
+    as the initial params before the first averaging step.
+
+  Raises:
+    ValueError: no averaging state, or more than one, inside ``opt_state``; a
+      masked state read without ``params``; ``params`` of another structure.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> params = {"w": jnp.ones(2, jnp.bfloat16)}
+    >>> tx = optax.chain(optax.clip(1.0), optax_ema.moving_average(optax.sgd(0.1)))
+    >>> state = tx.init(params)
+    >>> avg = optax_ema.averaged_params(state, params)
+    >>> print(avg["w"].dtype, avg["w"])
+    bfloat16 [1 1]
+  """
+  state = find_average_state(opt_state)
+  view = pick(state, which)
+  average = view.tree
+  if params is None:
+    masked = [
+      _tree_utils.keystr(path)
+      for path, leaf in _tree_utils.leaves_with_paths(average)
+      if isinstance(leaf, optax.MaskedNode)
+    ]
+    if masked:
+      raise ValueError(
+        "`averaged_params` needs `params` for a state whose average is masked "
+        f"(no average is kept at {', '.join(masked[:3])}"
+        f"{', ...' if len(masked) > 3 else ''}): call "
+        "`averaged_params(opt_state, params)`."
+      )
+    return average
+  _tree_utils.check_like(average, params, "params", "the averaged parameters")
+  return with_params(view, params)
+
+
+def with_params(view: View, params: Any) -> Any:
+  """``view``'s average in the params' dtypes, ``params`` where none is kept.
+
+  Leaves that are not averaged (masked out, not floating point) come from
+  ``params``, and so does a debiased average that has not averaged yet.
+  """
+  flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=_tree_utils.is_none)
+  averages = treedef.flatten_up_to(view.tree)
+  empty = view.empty
+  out, k = [], 0
+  for p, a in zip(flat, averages, strict=True):
+    array_index = k
+    if p is not None and not isinstance(a, optax.MaskedNode):
+      k += 1
+    if p is None or isinstance(a, optax.MaskedNode):
+      out.append(p)
+      continue
+    if not (_tree_utils.is_float(a) and _tree_utils.is_float(p)):
+      out.append(p)
+      continue
+    value = jnp.asarray(a).astype(jnp.asarray(p).dtype)
+    if empty is not None:
+      flag = empty[array_index] if jnp.ndim(empty) else empty
+      value = jnp.where(flag, jnp.asarray(p), value)
+    out.append(value)
+  return treedef.unflatten(out)

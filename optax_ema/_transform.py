@@ -1,0 +1,115 @@
+"""The optax transformation around the engine, shared by every averaging wrapper.
+
+:func:`averaging_transformation` turns an :class:`~optax_ema._engine.Engine`
+and a :class:`Layout` (how the averages sit in the transform's own state
+type) into an ``optax.GradientTransformationExtraArgs`` that wraps an inner
+optimizer: ``init`` builds the inner state and the averages, ``update`` runs
+the inner optimizer, returns its updates (or the overwrite's) and lets the
+engine average.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_ema import _engine
+from optax_ema import _inner_state
+from optax_ema import _tree_utils
+
+
+class Layout(Protocol):
+  """How one transform stores its averages, count and step sizes."""
+
+  state_type: type
+
+  def pack(
+    self,
+    inner_state: Any,
+    slots: list[_engine.SlotState],
+    count: jax.Array,
+    step_sizes: list[jax.Array],
+  ) -> Any: ...
+
+  def unpack(
+    self, state: Any
+  ) -> tuple[Any, list[_engine.SlotState], jax.Array, list[jax.Array]]: ...
+
+
+def check_transformation(optimizer: Any) -> None:
+  if not (
+    callable(getattr(optimizer, "init", None))
+    and callable(getattr(optimizer, "update", None))
+  ):
+    raise TypeError(
+      "`optimizer` must be an optax.GradientTransformation (an object with "
+      "`init` and `update`) or the name of an optax optimizer such as "
+      f"'adam', got {type(optimizer).__name__}: {optimizer!r}."
+    )
+
+
+def _check_state(state: Any, layout: Layout, caller: str) -> None:
+  if isinstance(state, layout.state_type):
+    return
+  name = layout.state_type.__name__
+  hint = (
+    "For a checkpoint written before the average was enabled, build the "
+    "state with `optax_ema.resume_with_average(tx, old_state, params)`."
+  )
+  if isinstance(state, (dict, list)):
+    hint = (
+      "It holds plain containers, as Orbax restores a checkpoint without a "
+      "target: restore with `target=jax.eval_shape(tx.init, params)`, or, for "
+      "a checkpoint written by optax_ema 0.1.0, convert it with "
+      "`optax_ema.upgrade_state(restored, jax.eval_shape(tx.init, params))`."
+    )
+  raise TypeError(
+    f"`state` must be the {name} made by this transformation's `init`, got "
+    f"a {type(state).__name__}: {caller}'s update was given a state that "
+    f"this transformation did not make. {hint}"
+  )
+
+
+def averaging_transformation(
+  optimizer: optax.GradientTransformation,
+  engine: _engine.Engine,
+  layout: Layout,
+  caller: str,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``optimizer`` so that ``engine`` averages its params."""
+  check_transformation(optimizer)
+  inner = optax.with_extra_args_support(optimizer)
+
+  def init_fn(params: optax.Params) -> Any:
+    inner_state = inner.init(params)
+    _inner_state.check_not_an_update_average(inner_state, caller)
+    slots, step_sizes = engine.init(params)
+    return layout.pack(inner_state, slots, jnp.zeros([], jnp.int32), step_sizes)
+
+  def update_fn(
+    updates: optax.Updates,
+    state: Any,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, Any]:
+    _check_state(state, layout, caller)
+    inner_state, slots, count, step_sizes = layout.unpack(state)
+    _tree_utils.check_update_args(caller, slots[0].tree, params, updates)
+    new_updates, new_inner = inner.update(updates, inner_state, params, **extra_args)
+    out = engine.update(
+      slots,
+      count,
+      step_sizes,
+      params=params,
+      grads=updates,
+      updates=new_updates,
+      inner_before=inner_state,
+      inner_after=new_inner,
+    )
+    return out.updates, layout.pack(new_inner, out.slots, out.count, out.step_sizes)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,139 @@
+"""Checkpoints of earlier versions: converting a restored state to today's layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_ema import _tree_utils
+
+# Fields this version added to the states, with what an older state means
+# for them: the step size of the last averaging step was not recorded.
+_ADDED_FIELDS = {"step_size": np.nan}
+
+_MISSING = object()
+
+
+def _child(node: Any, entry: Any) -> Any:
+  """The child of a restored node at one key-path entry, or ``_MISSING``."""
+  if isinstance(entry, jax.tree_util.GetAttrKey):
+    if isinstance(node, dict):
+      return node.get(entry.name, _MISSING)
+    return getattr(node, entry.name, _MISSING)
+  key = getattr(entry, "key", getattr(entry, "idx", _MISSING))
+  if isinstance(node, dict):
+    for candidate in (key, str(key)):
+      if candidate in node:
+        return node[candidate]
+    return _MISSING
+  if isinstance(node, (list, tuple)) and isinstance(key, int) and key < len(node):
+    return node[key]
+  return _MISSING
+
+
+def _lookup(restored: Any, path: tuple[Any, ...]) -> Any:
+  node = restored
+  for entry in path:
+    node = _child(node, entry)
+    if node is _MISSING:
+      return _MISSING
+  return node
+
+
+def _convert(value: Any, like: Any, path: tuple[Any, ...]) -> Any:
+  """``value`` as a leaf of ``like``'s shape, dtype (and sharding)."""
+  where = _tree_utils.keystr(path)
+  if _tree_utils.is_key(like):
+    if _tree_utils.is_key(value):
+      return value
+    return jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(like))
+  value = jnp.asarray(value)
+  if value.shape != tuple(like.shape) or value.dtype != like.dtype:
+    raise ValueError(
+      f"`restored` does not fit `like` at {where}: it holds {value.dtype}"
+      f"{list(value.shape)}, the state {jnp.dtype(like.dtype)}{list(like.shape)}."
+    )
+  sharding = getattr(like, "sharding", None)
+  if sharding is not None:
+    value = jax.device_put(value, sharding)
+  return value
+
+
+def upgrade_state(restored: Any, like: optax.OptState) -> optax.OptState:
+  """Converts an optimizer state saved by optax_ema 0.1.0 to this version's layout.
+
+  This version's :class:`~optax_ema.MovingAverageState` and
+  :class:`~optax_ema.SWAState` record the step size of their last averaging
+  step (``step_size``, for :func:`optax_ema.diagnostics`), which 0.1.0
+  states did not hold. Restore the old checkpoint without a target (Orbax
+  then gives plain dicts and lists) and pass it here with the state of the
+  same transformation today, ``jax.eval_shape(tx.init, params)``: every leaf
+  is taken from ``restored`` by its path, and the added ``step_size`` reads
+  NaN ("not recorded") until the next averaging step. Training continues
+  exactly as it would have.
+
+  Args:
+    restored: the restored optimizer state (or any tree holding one, e.g.
+      ``{"params": ..., "opt_state": ...}``, with ``like`` of the same form),
+      as plain containers or as the old named tuples.
+    like: a tree with today's structure, e.g.
+      ``jax.eval_shape(tx.init, params)``: abstract leaves (with shardings,
+      to place the result) or concrete ones.
+
+  Returns:
+    A tree with the structure of ``like`` holding the restored values.
+
+  Raises:
+    ValueError: ``restored`` lacks a leaf of ``like`` that this version did
+      not add, holds leaves ``like`` has no place for, or a leaf of another
+      shape or dtype (it was written by another transformation).
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = optax_ema.moving_average(optax.sgd(0.1), average_decay=0.9)
+    >>> # What Orbax restores, without a target, from a 0.1.0 checkpoint:
+    >>> restored = {
+    ...   "inner_state": [None, None],
+    ...   "average": {"w": jnp.full(2, 0.5)},
+    ...   "count": jnp.asarray(3, jnp.int32),
+    ... }
+    >>> state = optax_ema.upgrade_state(restored, jax.eval_shape(tx.init, params))
+    >>> print(type(state).__name__, int(state.count), state.average["w"])
+    MovingAverageState 3 [0.5 0.5]
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+    like, is_leaf=_tree_utils.is_none_or_masked
+  )
+  leaves, used = [], 0
+  for path, leaf in flat:
+    if _tree_utils.is_none_or_masked(leaf):
+      leaves.append(leaf)
+      continue
+    value = _lookup(restored, path)
+    if value is _MISSING:
+      added = [getattr(e, "name", None) for e in path]
+      name = next((n for n in added if n in _ADDED_FIELDS), None)
+      if name is None:
+        raise ValueError(
+          f"`restored` has no leaf at {_tree_utils.keystr(path)}: it was not "
+          "written by the transformation `like` describes."
+        )
+      value = np.full(tuple(leaf.shape), _ADDED_FIELDS[name], leaf.dtype)
+    else:
+      used += 1
+    leaves.append(_convert(value, leaf, path))
+  stored = len(jax.tree.leaves(restored))
+  if stored != used:
+    raise ValueError(
+      f"`restored` holds {stored} arrays, `like` places {used} of them: it was "
+      "not written by the transformation `like` describes."
+    )
+  return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,281 @@
+"""Every argument check of the package, in one place.
+
+Checks run at construction, or at trace time for values that
+``optax.inject_hyperparams`` traces. Concrete values are range-checked; a
+traced value passes once its type and dtype are right, since its value is not
+known when the step is traced. Messages name the argument in backticks, show
+the bad value and, where one exists, the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_ema import _power_math
+
+_HYPERPARAM_DTYPE_HINT = (
+  "under optax.inject_hyperparams, the hyperparameters take the params' "
+  "dtype unless you pass `hyperparam_dtype=jnp.float32`"
+)
+
+
+def is_python_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def is_concrete_scalar(x: Any) -> bool:
+  """A Python number or a NumPy scalar / 0-d array (not a JAX array)."""
+  return is_python_number(x) or (
+    isinstance(x, (np.ndarray, np.generic)) and np.ndim(x) == 0
+  )
+
+
+def is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def check_bool(value: Any, name: str) -> None:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}: {value!r}.")
+
+
+def check_real(value: Any, name: str) -> float:
+  """A finite-or-infinite real Python number (not NaN, not a bool)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+    value, (numbers.Real, np.floating, np.integer)
+  ):
+    raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+  out = float(value)
+  if math.isnan(out):
+    raise ValueError(f"`{name}` must not be NaN, got {value!r}.")
+  return out
+
+
+def check_unit(value: Any, name: str) -> float:
+  out = check_real(value, name)
+  if not 0.0 <= out <= 1.0:
+    raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+  return out
+
+
+def check_positive(value: Any, name: str) -> float:
+  out = check_real(value, name)
+  if not out > 0.0 or math.isinf(out):
+    raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+  return out
+
+
+def check_float_dtype(value: Any, name: str) -> None:
+  """A traced or concrete float hyperparameter must be at least float32.
+
+  ``optax.inject_hyperparams`` stores hyperparameters in the params' dtype by
+  default: with bfloat16 params a decay of 0.999 becomes exactly 1.0.
+  """
+  dtype = getattr(value, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    return
+  if jnp.finfo(dtype).bits < 32:
+    shown = "a traced value" if is_traced(value) else repr(value)
+    raise TypeError(
+      f"`{name}` is {jnp.dtype(dtype).name} ({shown}): a decay in "
+      f"{jnp.dtype(dtype).name} rounds 0.999 to 1.0 and freezes the average. "
+      f"Give it as a Python float or a float32 array; {_HYPERPARAM_DTYPE_HINT}."
+    )
+
+
+def check_decay(value: Any, name: str = "average_decay") -> None:
+  """Validates one decay: a number in [0, 1], a scalar array, or a schedule."""
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(
+      f"`{name}` must be a float in [0, 1] or a schedule, got the bool "
+      f"{value!r} (is an old positional `sequential_update` in its place? "
+      "pass the other arguments by keyword)."
+    )
+  if callable(value):
+    check_schedule(value, name)
+    return
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    if np.ndim(value) != 0:
+      raise ValueError(
+        f"`{name}` must be a scalar, got an array of shape {np.shape(value)}."
+      )
+    dtype = jnp.dtype(value.dtype)
+    if not jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_):
+      raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    check_float_dtype(value, name)
+    if is_traced(value):
+      return  # traced (optax.inject_hyperparams): its value is not known here
+  elif not is_python_number(value):
+    raise TypeError(
+      f"`{name}` must be a float in [0, 1] or a schedule `count -> decay`, got "
+      f"{type(value).__name__}: {value!r}."
+    )
+  as_float = float(value)
+  if math.isnan(as_float) or not 0.0 <= as_float <= 1.0:
+    raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+
+
+def check_schedule(schedule: Callable[..., Any], name: str) -> None:
+  """Checks, without running it, that a schedule maps a count to a scalar."""
+  try:
+    out = jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.int32))
+  except Exception as err:
+    raise TypeError(
+      f"`{name}` is callable, so it must be a schedule `count -> decay` "
+      f"(an int32 scalar count in, a scalar out); calling it failed: {err}"
+    ) from err
+  if not (hasattr(out, "shape") and out.shape == ()):
+    raise ValueError(
+      f"`{name}` schedule must return a scalar, got {out!r} for an int32 count."
+    )
+  check_float_dtype(out, f"{name}(count)")
+
+
+def check_int(
+  value: Any, name: str, minimum: int = 0, allow_none: bool = False
+) -> None:
+  """Validates an int hyperparameter; traced integer scalars pass through."""
+  if value is None and allow_none:
+    return
+  expected = f"an int >= {minimum}"
+  if allow_none:
+    expected = f"None or {expected}"
+  if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
+    if value.ndim != 0:
+      raise ValueError(f"`{name}` must be a scalar, got shape {value.shape}.")
+    if not is_traced(value) and int(value) < minimum:
+      raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+    return  # a traced value (optax.inject_hyperparams) is not known here
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise TypeError(
+      f"`{name}` must be {expected}, got {type(value).__name__}: {value!r}."
+    )
+  if value < minimum:
+    raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+
+
+def static_int(value: Any, name: str, minimum: int = 1) -> int:
+  """A positive Python int that shapes the compiled step (never traced)."""
+  if isinstance(value, jax.Array) and not is_traced(value) and value.ndim == 0:
+    value = int(value)
+  if is_traced(value):
+    raise TypeError(
+      f"`{name}` must be a static Python int (it shapes the compiled step); "
+      f"under optax.inject_hyperparams pass `static_args=({name!r},)`."
+    )
+  check_int(value, name, minimum)
+  return int(value)
+
+
+def check_ema_dtype(ema_dtype: Any) -> None:
+  if ema_dtype is None:
+    return
+  try:
+    dtype = jnp.dtype(ema_dtype)
+  except TypeError:
+    raise TypeError(
+      f"`ema_dtype` must be None or a floating point dtype, got {ema_dtype!r}."
+    ) from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"`ema_dtype` must be a floating point dtype, got {dtype.name}.")
+  if jnp.finfo(dtype).bits < 16:
+    raise ValueError(
+      f"`ema_dtype` must be a floating point dtype of at least 16 bits, got "
+      f"{dtype.name}: an average in it cannot resolve the steps of any "
+      "useful decay."
+    )
+
+
+def check_mask(mask: Any) -> None:
+  """A mask is None, a callable of params, or a pytree prefix of bools.
+
+  A bare scalar (a bool, or the array a schedule-like call returns) is
+  rejected: under ``optax.inject_hyperparams`` a callable mask that is not a
+  static argument is called with the step count instead of the params.
+  """
+  if mask is None or callable(mask):
+    return
+  if isinstance(mask, (str, bytes)):
+    raise TypeError(f"`mask` must be a pytree of bools or a callable, got {mask!r}.")
+  scalar = isinstance(mask, (bool, np.bool_, numbers.Number)) or (
+    isinstance(mask, (jax.Array, np.ndarray, np.generic)) and np.ndim(mask) == 0
+  )
+  if scalar:
+    raise TypeError(
+      f"`mask` must be a pytree prefix of the params or a callable of them, "
+      f"got a bare {type(mask).__name__} ({'traced' if is_traced(mask) else mask!r}). "
+      "Under optax.inject_hyperparams a callable `mask` is taken for a "
+      "schedule and called with the step count: pass "
+      "`static_args=('mask',)` to optax.inject_hyperparams."
+    )
+
+
+def check_sigma_rels(sigma_rels: Any) -> tuple[float, ...]:
+  """The power-EMA widths, validated and sorted."""
+  limit = _power_math.SIGMA_REL_MAX
+  if is_python_number(sigma_rels):
+    sigma_rels = (sigma_rels,)
+  if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence):
+    raise TypeError(
+      f"`sigma_rels` must be a sequence of floats in (0, {limit:.6f}], got "
+      f"{sigma_rels!r}."
+    )
+  if not sigma_rels:
+    raise ValueError("`sigma_rels` must hold at least one value, got ().")
+  out = []
+  for s in sigma_rels:
+    if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Real):
+      raise TypeError(f"`sigma_rels` must hold floats, got {s!r} in {sigma_rels!r}.")
+    out.append(check_sigma_rel(s, "sigma_rels", f" in {sigma_rels!r}"))
+  if len({repr(s) for s in out}) != len(out):
+    raise ValueError(f"`sigma_rels` must not repeat a value, got {sigma_rels!r}.")
+  return tuple(sorted(out))
+
+
+def check_sigma_rel(value: Any, name: str = "sigma_rel", context: str = "") -> float:
+  """One power-EMA width, in (0, SIGMA_REL_MAX]."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+    value, (numbers.Real, np.floating)
+  ):
+    raise TypeError(f"`{name}` must be a float, got {value!r}{context}.")
+  out = float(value)
+  limit = _power_math.SIGMA_REL_MAX
+  if math.isnan(out) or not 0.0 < out <= limit:
+    raise ValueError(
+      f"`{name}` values must be in (0, {limit:.6f}] (the widest "
+      f"power-function profile), got {value!r}{context}."
+    )
+  return out
+
+
+def warn_if_unresolvable(decay: Any, storage: Any, name: str) -> None:
+  """Warns when round-to-nearest storage cannot hold one step of ``decay``.
+
+  An average moves by ``(1 - decay)`` times its distance to the params; when
+  that is below the storage dtype's relative spacing, every step rounds
+  back to the old value.
+  """
+  if not is_concrete_scalar(decay):
+    return
+  eps = float(jnp.finfo(storage).eps)
+  step = 1.0 - float(np.float32(decay))
+  if 0.0 < step < eps:
+    warnings.warn(
+      f"`{name}`={decay!r} with `ema_dtype`={jnp.dtype(storage).name} and "
+      f"`stochastic_rounding=False`: each step moves the average by "
+      f"{step:.2g} of its distance to the params, below "
+      f"{jnp.dtype(storage).name}'s resolution ({eps:.2g}), so round-to-nearest "
+      "storage will not move. Leave `stochastic_rounding` at its default, or "
+      "store the average in float32.",
+      UserWarning,
+      stacklevel=4,
+    )
