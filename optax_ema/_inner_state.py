@@ -10,6 +10,7 @@ only pass updates on (``optax.chain``, ``optax.named_chain``,
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import jax
@@ -28,7 +29,7 @@ def _children(old: Any, new: Any) -> list[tuple[Any, Any]]:
     return [(old.inner_state, new.inner_state)]
   if type(old) in (tuple, list):  # optax.chain; not NamedTuple states
     return list(zip(old, new, strict=True))
-  if type(old) is dict:  # optax.named_chain
+  if type(old) in (dict, collections.OrderedDict):  # optax.named_chain
     return [(old[k], new[k]) for k in old]
   return []
 

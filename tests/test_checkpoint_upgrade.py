@@ -15,9 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).with_name("checkpoints")))
-import v0_1_0
-
 import optax_ema
+
+import v0_1_0
 
 
 def _restore(name):

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).with_name("golden")))
-import grid
-
 import optax_ema
+
+import grid
 
 GOLDEN = dict(np.load(grid.GOLDEN))
 

@@ -13,8 +13,9 @@ import subprocess
 import sys
 import time
 
-import multihost_worker
 import numpy as np
+
+import multihost_worker
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 90

@@ -1,4 +1,4 @@
-"""Sharded jit on a 2x4 mesh of fake CPU devices (issue 4, item 6).
+"""Sharded jit on a 2x4 mesh of fake CPU devices.
 
 Params are sharded FSDP style over "data" (rows) and tensor-parallel over
 "model" (columns). Every average leaf must keep exactly its param's
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -168,3 +169,93 @@ def test_compiled_optimizer_step_has_no_all_gather():
     np.testing.assert_allclose(
       np.asarray(new_state.average[k]), want, rtol=1e-5, atol=1e-6
     )
+
+
+def _is_masked(x):
+  return isinstance(x, optax.MaskedNode)
+
+
+RECIPE_CASES = {
+  "masked": lambda: optax_ema.moving_average(
+    optax.adamw(0.05), 0.9, mask={"w1": True, "b1": False, "w2": True, "scale": False}
+  ),
+  "callable_mask": lambda: optax_ema.moving_average(
+    optax.adamw(0.05), 0.9, mask=lambda p: jax.tree.map(lambda x: x.ndim == 2, p)
+  ),
+  "several_debiased": lambda: optax_ema.moving_average(
+    optax.adamw(0.05), {"fast": 0.9, "slow": 0.99}, debias=True
+  ),
+  "power_ema_masked": lambda: optax_ema.power_ema(
+    optax.adamw(0.05), mask={"w1": True, "b1": True, "w2": True, "scale": False}
+  ),
+}
+
+
+def _average_trees(state):
+  """The param-shaped average trees of a state, and its scalar leaves."""
+  if isinstance(state, optax_ema.PowerEmaState):
+    return list(state.averages.values()), [state.count]
+  average = state.average
+  slots = average.averages if isinstance(average, optax_ema.Averages) else [average]
+  trees = [s.average if isinstance(s, optax_ema.DebiasedAverage) else s for s in slots]
+  weights = [s.weight for s in slots if isinstance(s, optax_ema.DebiasedAverage)]
+  return trees, [state.count, *jax.tree.leaves(state.step_size), *weights]
+
+
+@pytest.mark.parametrize("case", list(RECIPE_CASES))
+def test_sharding_recipe_gives_param_shardings_to_averages_and_replicates_the_rest(
+  case,
+):
+  # The recipe of the docs: eval_shape + optax.tree_map_params, with
+  # is_leaf=MaskedNode for masked states (as for optax.masked).
+  mesh = _mesh()
+  shardings = _shardings(mesh)
+  replicated = NamedSharding(mesh, P())
+  tx = RECIPE_CASES[case]()
+  params = jax.device_put(_params(), shardings)
+  specs = optax.tree_map_params(
+    tx,
+    lambda _, sharding: sharding,
+    jax.eval_shape(tx.init, params),
+    shardings,
+    transform_non_params=lambda _: replicated,
+    is_leaf=_is_masked,
+  )
+  spec_trees, spec_scalars = _average_trees(specs)
+  for tree in spec_trees:
+    assert tree == shardings  # a sharding stands for a masked-out leaf, too
+  assert all(s == replicated for s in spec_scalars)
+  assert specs.inner_state[0].mu == shardings  # adamw's moments, as usual
+  state = jax.jit(tx.init, out_shardings=specs)(params)
+  trees, scalars = _average_trees(state)
+  for tree in trees:
+    for k, leaf in tree.items():
+      if not _is_masked(leaf):
+        assert leaf.sharding.spec == SPECS[k], (case, k)
+  assert all(s.sharding.spec == P() for s in scalars)
+  step = jax.jit(_train_step(tx), out_shardings=(shardings, specs))
+  _, state = step(params, state, *_batch())
+  assert all(
+    leaf.sharding.spec == SPECS[k]
+    for tree in _average_trees(state)[0]
+    for k, leaf in tree.items()
+    if not _is_masked(leaf)
+  )
+
+
+def test_overwrite_every_keeps_shardings_and_equals_the_unsharded_run():
+  mesh = _mesh()
+  shardings = _shardings(mesh)
+  tx = optax_ema.moving_average(optax.adamw(0.05), 0.8, overwrite_every=2)
+  x, y = _batch()
+  params = jax.device_put(_params(), shardings)
+  state = jax.jit(tx.init)(params)
+  step = jax.jit(_train_step(tx))
+  ref_params, ref_state = _params(), tx.init(_params())
+  for _ in range(4):
+    params, state = step(params, state, x, y)
+    ref_params, ref_state = step(ref_params, ref_state, x, y)
+  for k, sharding in shardings.items():
+    assert params[k].sharding == sharding
+    np.testing.assert_allclose(params[k], ref_params[k], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(params[k], state.average[k], rtol=1e-6, atol=1e-7)

@@ -1,0 +1,335 @@
+"""The mistakes people make, as a table: mistake -> exception -> what the message says.
+
+Every configuration either does what it says or fails at construction or
+trace time with a message that names the argument and the fix. Add a row
+for each new one.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import optax_ema
+from optax_ema import schedules
+
+PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+BF16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+
+
+def _update(tx, params=PARAMS, state=None, jit=True):
+  state = tx.init(params) if state is None else state
+  update = jax.jit(tx.update) if jit else tx.update
+  return update(jax.tree.map(jnp.ones_like, params), state, params)
+
+
+def _inject(params=BF16):
+  tx = optax.inject_hyperparams(optax_ema.moving_average)(
+    optimizer=optax.sgd(0.1), average_decay=0.999
+  )
+  return _update(tx, params)
+
+
+def _inject_callable_mask():
+  tx = optax.inject_hyperparams(optax_ema.moving_average)(
+    optimizer=optax.sgd(0.1),
+    average_decay=0.9,
+    mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p),  # called with the count
+  )
+  return _update(tx)
+
+
+def _plain_state_to_wrapper():
+  tx = optax_ema.moving_average(optax.adam(0.1), 0.9)
+  return _update(tx, state=optax.adam(0.1).init(PARAMS), jit=False)
+
+
+def _restored_without_target():
+  # What Orbax restores, without a target, from a MovingAverageState.
+  raw = {
+    "inner_state": [None, None],
+    "average": PARAMS,
+    "count": jnp.zeros([], jnp.int32),
+  }
+  return optax_ema.averaged_params({"opt_state": raw})
+
+
+def _missing_key():
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9)
+  return tx.update({"w": jnp.ones((2, 3))}, tx.init(PARAMS), {"w": jnp.ones((2, 3))})
+
+
+def _extra_key():
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9)
+  bigger = {**PARAMS, "c": jnp.ones(2)}
+  return tx.update(bigger, tx.init(PARAMS), bigger)
+
+
+def _traced_update_every():
+  tx = optax.inject_hyperparams(optax_ema.moving_average)(
+    optimizer=optax.sgd(0.1), update_every=jnp.asarray(2)
+  )
+  return _update(tx)
+
+
+MISTAKES = [
+  # (mistake, call, exception, words the message must contain)
+  (
+    "inject_hyperparams with bfloat16 params stores the decay in bfloat16",
+    lambda: _inject(),
+    TypeError,
+    ["`average_decay`", "bfloat16", "hyperparam_dtype=jnp.float32"],
+  ),
+  (
+    "a decay given as a bfloat16 array",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), jnp.asarray(0.999, jnp.bfloat16)),
+    TypeError,
+    ["`average_decay`", "bfloat16", "rounds 0.999 to 1.0"],
+  ),
+  (
+    "a schedule that returns bfloat16",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), lambda c: jnp.asarray(0.999, jnp.bfloat16)
+    ),
+    TypeError,
+    ["`average_decay(count)`", "bfloat16"],
+  ),
+  (
+    "a callable mask under inject_hyperparams without static_args",
+    _inject_callable_mask,
+    TypeError,
+    ["`mask`", "static_args=('mask',)"],
+  ),
+  (
+    "a bare bool as the mask",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), mask=True),
+    TypeError,
+    ["`mask`", "bare bool"],
+  ),
+  (
+    "a string as the mask",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), mask="w"),
+    TypeError,
+    ["`mask`"],
+  ),
+  (
+    "optax.ema passed as the optimizer",
+    lambda: optax_ema.moving_average(optax.ema(0.9), 0.99).init(PARAMS),
+    ValueError,
+    ["optax.ema", "averages the updates", "optax_ema.moving_average(optax.adam"],
+  ),
+  (
+    "optax.ema under inject_hyperparams passed as the optimizer",
+    lambda: optax_ema.moving_average(
+      optax.inject_hyperparams(optax.ema)(decay=0.9), 0.99
+    ).init(PARAMS),
+    ValueError,
+    ["optax.ema"],
+  ),
+  (
+    "Keras `decay` meant as the average's decay, with a built optimizer",
+    lambda: optax_ema.moving_average(optax.adam(0.1), decay=0.999),
+    ValueError,
+    ["`decay`", "pass `average_decay=`"],
+  ),
+  (
+    "a plain optimizer state handed to the wrapped update",
+    _plain_state_to_wrapper,
+    TypeError,
+    ["MovingAverageState", "`init`", "resume_with_average"],
+  ),
+  (
+    "averaged_params of a state restored by Orbax without a target",
+    _restored_without_target,
+    ValueError,
+    ["without a target", "jax.eval_shape(tx.init, params)", "upgrade_state"],
+  ),
+  ("params missing a key", _missing_key, ValueError, ["['b'] is missing"]),
+  ("params with an extra key", _extra_key, ValueError, ["['c'] is unexpected"]),
+  (
+    "update without params",
+    lambda: optax_ema.moving_average(optax.sgd(0.1)).update(
+      PARAMS, optax_ema.moving_average(optax.sgd(0.1)).init(PARAMS)
+    ),
+    ValueError,
+    ["tx.update(grads, state, params)"],
+  ),
+  (
+    "sequential_update passed positionally in the decay's place",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), False),
+    TypeError,
+    ["`average_decay`", "positional `sequential_update`"],
+  ),
+  (
+    "a decay above one",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), 1.5),
+    ValueError,
+    ["`average_decay`", "[0, 1]", "1.5"],
+  ),
+  (
+    "update_every traced by inject_hyperparams",
+    _traced_update_every,
+    TypeError,
+    ["`update_every`", "static_args=('update_every',)"],
+  ),
+  (
+    "overwrite_every that is not a multiple of update_every",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), update_every=4, overwrite_every=6),
+    ValueError,
+    ["`overwrite_every`=6", "multiple of `update_every`=4"],
+  ),
+  (
+    "overwrite_every with several averages and no overwrite_with",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), {"fast": 0.9, "slow": 0.99}, overwrite_every=10
+    ),
+    ValueError,
+    ["ambiguous", "`overwrite_with=`", "'fast'"],
+  ),
+  (
+    "overwrite_with without overwrite_every",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), overwrite_with=0),
+    ValueError,
+    ["`overwrite_with`", "needs `overwrite_every`"],
+  ),
+  (
+    "reading several averages without which",
+    lambda: optax_ema.averaged_params(
+      optax_ema.moving_average(optax.sgd(0.1), (0.9, 0.99)).init(PARAMS)
+    ),
+    ValueError,
+    ["2 averages", "`which=`"],
+  ),
+  (
+    "stochastic_rounding=True with a float32 average",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), ema_dtype=jnp.float32, stochastic_rounding=True
+    ),
+    ValueError,
+    ["`stochastic_rounding=True` needs", "bfloat16"],
+  ),
+  (
+    "an average in float8",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), ema_dtype=jnp.float8_e4m3fn),
+    ValueError,
+    ["`ema_dtype`", "at least 16 bits"],
+  ),
+  (
+    "a per_leaf prefix that does not fit the params",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), schedules.per_leaf({"w": 0.9})
+    ).init(PARAMS),
+    ValueError,
+    ["per_leaf tree must be a pytree prefix"],
+  ),
+  (
+    "a power_ema width out of range",
+    lambda: optax_ema.power_ema(optax.sgd(0.1), sigma_rels=(0.05, 0.5)),
+    ValueError,
+    ["`sigma_rels`", "0.300283", "0.5"],
+  ),
+  (
+    "an unknown keyword argument",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), averge_decay=0.9),
+    TypeError,
+    ["averge_decay"],
+  ),
+  (
+    "both lr and learning_rate",
+    lambda: optax_ema.moving_average("sgd", lr=0.1, learning_rate=0.1),
+    TypeError,
+    ["both `lr` and `learning_rate`"],
+  ),
+  (
+    "a misspelt optimizer name",
+    lambda: optax_ema.moving_average("adma"),
+    ValueError,
+    ["'adma'", "Did you mean", "'adam'"],
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  ("call", "error", "words"),
+  [row[1:] for row in MISTAKES],
+  ids=[row[0] for row in MISTAKES],
+)
+def test_mistake_raises_a_message_that_names_it(call, error, words):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # an error, not a warning first
+    with pytest.raises(error) as excinfo:
+      call()
+  message = str(excinfo.value)
+  for word in words:
+    assert word in message, f"{word!r} not in: {message}"
+
+
+WARNINGS = [
+  # (ambiguous intent, call, warning, words)
+  (
+    "round-to-nearest bfloat16 storage with a decay it cannot resolve",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), 0.999, ema_dtype=jnp.bfloat16, stochastic_rounding=False
+    ),
+    UserWarning,
+    ["`average_decay`=0.999", "bfloat16", "will not move"],
+  ),
+  (
+    "round-to-nearest float16 storage with a decay it cannot resolve",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), 0.9999, ema_dtype=jnp.float16, stochastic_rounding=False
+    ),
+    UserWarning,
+    ["float16", "will not move"],
+  ),
+  (
+    "Keras `decay` with an optimizer by name (TFA's learning-rate decay)",
+    lambda: optax_ema.moving_average("adam", decay=0.999),
+    UserWarning,
+    ["learning-rate decay", "`average_decay`"],
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  ("call", "warning", "words"),
+  [row[1:] for row in WARNINGS],
+  ids=[row[0] for row in WARNINGS],
+)
+def test_ambiguous_configuration_warns_naming_it(call, warning, words):
+  with pytest.warns(warning) as record:
+    call()
+  message = " ".join(str(r.message) for r in record)
+  for word in words:
+    assert word in message, f"{word!r} not in: {message}"
+
+
+def test_bfloat16_storage_alone_tracks_instead_of_freezing():
+  # The configuration that used to freeze silently: a 0.999 average stored in
+  # bfloat16 follows the params towards 2 instead of staying at 1.
+  tx = optax_ema.moving_average(optax.identity(), 0.999, ema_dtype=jnp.bfloat16)
+  params = {"w": jnp.ones(4096, jnp.bfloat16)}
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  target = {"w": jnp.full(4096, 2.0, jnp.bfloat16)}
+  for _ in range(500):
+    _, state = step({"w": jnp.zeros(4096, jnp.bfloat16)}, state, target)
+  mean = float(jnp.mean(state.average["w"].astype(jnp.float32)))
+  assert mean == pytest.approx(2 - 0.999**500, abs=2e-3)  # 1.394, unbiased
+
+
+def test_inject_hyperparams_with_bfloat16_params_and_a_float32_hyperparam_dtype():
+  tx = optax.inject_hyperparams(optax_ema.moving_average, hyperparam_dtype=jnp.float32)(
+    optimizer=optax.sgd(0.1), average_decay=0.999
+  )
+  _, state = _update(tx, BF16)
+  assert state.hyperparams["average_decay"].dtype == jnp.float32
+  # The params moved to bf16(0.9); the average 1 - (1 - bf16(0.9)) * 0.001 of
+  # the way (with a bfloat16 decay of 1.0 it would not move).
+  value = float(jnp.asarray(0.9, jnp.bfloat16))
+  want = 1 - (1 - value) * (1 - float(jnp.float32(0.999)))
+  got = float(state.inner_state.average["w"][0, 0])
+  assert got == pytest.approx(want, rel=1e-7)
+  assert got < 1.0
