@@ -20,6 +20,7 @@ from optax_ema._moving_average import MovingAverageState
 from optax_ema._power_ema import PowerEmaState
 from optax_ema._reading import averaged_params
 from optax_ema._resume import resume_with_average
+from optax_ema._sharding import state_shardings
 from optax_ema._swa import SWAState
 from optax_ema._upgrade import upgrade_state
 from optax_ema.compat import SWA
@@ -49,6 +50,7 @@ __all__ = [
   "power_ema",
   "resume_with_average",
   "schedules",
+  "state_shardings",
   "swa",
   "upgrade_state",
 ]

@@ -186,7 +186,7 @@ def debiased_value(average: Any, weight: Any) -> Any:
       lambda a: leaf(a, weight), average, is_leaf=_tree_utils.is_none_or_masked
     )
   # Per-leaf decays: one weight per array leaf, in `jax.tree.leaves` order.
-  leaves, treedef = jax.tree.flatten(average)
+  leaves, treedef = _tree_utils.flatten(average, is_leaf=None)
   return treedef.unflatten([leaf(a, weight[i]) for i, a in enumerate(leaves)])
 
 

@@ -17,9 +17,7 @@ def _drift(average: Any, params: Any) -> jax.Array:
   """``||average - params|| / ||params||`` over the averaged float leaves."""
   diff_sq = jnp.zeros([], jnp.float32)
   ref_sq = jnp.zeros([], jnp.float32)
-  avg_leaves, treedef = jax.tree_util.tree_flatten(
-    average, is_leaf=_tree_utils.is_none_or_masked
-  )
+  avg_leaves, treedef = _tree_utils.flatten(average)
   for a, p in zip(avg_leaves, treedef.flatten_up_to(params), strict=True):
     if _tree_utils.is_none_or_masked(a) or not (
       _tree_utils.is_float(a) and _tree_utils.is_float(p)

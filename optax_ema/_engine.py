@@ -26,6 +26,7 @@ import optax
 
 from optax_ema import _averages
 from optax_ema import _inner_state
+from optax_ema import _offload
 from optax_ema import _rounding
 from optax_ema import _rules
 from optax_ema import _tree_utils
@@ -53,7 +54,7 @@ class Averaged(NamedTuple):
   """What :meth:`Engine.update` returns."""
 
   slots: list[SlotState]
-  count: jax.Array
+  counted: jax.Array  # the count after the step
   step_sizes: list[jax.Array]
   updates: Any
 
@@ -207,6 +208,8 @@ class Engine(NamedTuple):
     overwrite_every: every this many real steps, return updates that move
       the params onto the average ``overwrite_slot`` (0: never).
     overwrite_slot: which average overwrites.
+    offload: keep the floating-point averages in host memory (``pinned_host``),
+      bringing them to the device only on averaging steps.
   """
 
   slots: tuple[Slot, ...]
@@ -221,6 +224,7 @@ class Engine(NamedTuple):
   interval: int = 1
   overwrite_every: int = 0
   overwrite_slot: int = 0
+  offload: bool = False
 
   # -- init --------------------------------------------------------------------
 
@@ -246,7 +250,8 @@ class Engine(NamedTuple):
   def _init_leaf(self, p: Any) -> Any:
     if _tree_utils.is_float(p):
       dtype = default_ema_dtype(jnp.asarray(p).dtype, self.ema_dtype)
-      return jnp.array(p, dtype=dtype, copy=True)  # explicit: never weak
+      copy = jnp.array(p, dtype=dtype, copy=True)  # explicit: never weak
+      return _offload.to_host(copy) if self.offload else copy
     if _tree_utils.is_key(p):
       data = jnp.array(jax.random.key_data(p), copy=True)
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(p))
@@ -338,9 +343,7 @@ class Engine(NamedTuple):
   ) -> tuple[list[SlotState], list[jax.Array]]:
     """Moves every average one step, in a single pass over the leaves."""
     del step_sizes  # replaced by this step's
-    ref_leaves, treedef = jax.tree_util.tree_flatten(
-      slots[0].tree, is_leaf=_tree_utils.is_none_or_masked
-    )
+    ref_leaves, treedef = _tree_utils.flatten(slots[0].tree)
     value_leaves = treedef.flatten_up_to(values)
     # Position of each leaf among the array leaves (jax.tree.leaves order).
     array_index, n = [], 0
@@ -351,13 +354,11 @@ class Engine(NamedTuple):
     steps = []
     for slot in self.slots:
       rules = _rules.leaf_rules(slot.decay, slots[0].tree, self.make_rule)
-      cache: dict[int, _rules.StepSize] = {}
-      steps.append(
-        [
-          cache.setdefault(id(r), _rules.interval_step(r, count, self.update_every))
-          for r in rules
-        ]
-      )
+      cache: dict[int, _rules.StepSize] = {}  # one step size per distinct rule
+      for r in rules:
+        if id(r) not in cache:
+          cache[id(r)] = _rules.interval_step(r, count, self.update_every)
+      steps.append([cache[id(r)] for r in rules])
     stochastic = self.stochastic is not False
     out_slots, out_sizes = [], []
     for j, (slot, state) in enumerate(zip(self.slots, slots, strict=True)):
@@ -367,17 +368,19 @@ class Engine(NamedTuple):
         weight = None
         if slot.debias:
           k = array_index[i]
+          assert state.weight is not None
           weight = state.weight[k] if slot.per_leaf and k is not None else state.weight
-        new_leaves.append(
-          step_leaf(
-            a,
-            v,
-            steps[j][i],
-            weight=weight,
-            stochastic=stochastic,
-            seed=_rounding.rounding_seed(count, i, j),
-          )
+        offloaded = self.offload and _tree_utils.is_float(a)
+        rounds = stochastic and _tree_utils.is_float(a) and a.dtype.itemsize < 4
+        new = step_leaf(
+          _offload.to_device(a) if offloaded else a,
+          v,
+          steps[j][i],
+          weight=weight,
+          stochastic=rounds,
+          seed=_rounding.rounding_seed(count, i, j) if rounds else None,
         )
+        new_leaves.append(_offload.to_host(new) if offloaded else new)
       tree = treedef.unflatten(new_leaves)
       ws = [
         steps[j][i].weight(jnp.float32)
@@ -392,7 +395,9 @@ class Engine(NamedTuple):
 
   def _overwrite(self, updates: Any, slot: SlotState, params: Any) -> Any:
     """Updates that move the params onto the (debiased) average ``slot``."""
-    average = slot.tree
+    average = jax.tree.map(
+      _offload.to_device_if_host, slot.tree, is_leaf=_tree_utils.is_none_or_masked
+    )
     if slot.weight is not None:
       average = _averages.debiased_value(average, slot.weight)
 

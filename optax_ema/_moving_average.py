@@ -57,7 +57,9 @@ class MovingAverageState(NamedTuple):
 
   inner_state: optax.OptState
   average: optax.Params
-  count: jax.Array
+  # `count` shadows tuple.count, as in optax's states; the field name is the
+  # layout of users' checkpoints.
+  count: jax.Array  # type: ignore[assignment]
   step_size: Any
 
 
@@ -170,6 +172,7 @@ def moving_average(
   stochastic_rounding: bool | None = None,
   overwrite_every: int | None = None,
   overwrite_with: Any = None,
+  offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer to keep an exponential moving average of the params.
 
@@ -266,6 +269,13 @@ def moving_average(
       from there. Masked-out and non-float leaves are never overwritten.
     overwrite_with: with several decays, which average overwrites the params
       (as ``which=`` of :func:`optax_ema.averaged_params`); required there.
+    offload: if True, keep every floating-point average leaf in the host
+      memory (``pinned_host``) of its parameter's devices, sharded like the
+      parameter, from ``init`` on; each averaging step brings it to the
+      device and back, and steps that do not average (``update_every``,
+      micro-steps, skipped steps) move nothing. The count, debias weights
+      and non-float leaves stay in device memory. See
+      :func:`optax_ema.state_shardings` for ``jit`` and restore targets.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -306,6 +316,7 @@ def moving_average(
     ("dynamic_decay", dynamic_decay),
     ("skip_nonfinite", skip_nonfinite),
     ("debias", debias),
+    ("offload", offload),
   ):
     _validation.check_bool(value, name)
   _validation.check_int(num_updates, "num_updates", allow_none=True)
@@ -335,6 +346,7 @@ def moving_average(
     interval=every,
     overwrite_every=overwrite,
     overwrite_slot=slot,
+    offload=bool(offload),
   )
   return _transform.averaging_transformation(
     optimizer, engine, layout, "moving_average"

@@ -49,7 +49,9 @@ class PowerEmaState(NamedTuple):
 
   inner_state: optax.OptState
   averages: dict[str, optax.Params]
-  count: jax.Array
+  # `count` shadows tuple.count, as in optax's states; the field name is the
+  # layout of users' checkpoints.
+  count: jax.Array  # type: ignore[assignment]
 
 
 def sigma_rel_key(sigma_rel: float) -> str:
@@ -96,6 +98,7 @@ def power_ema(
   ema_dtype: jax.typing.DTypeLike | None = None,
   mask: Any = None,
   stochastic_rounding: bool | None = None,
+  offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer to keep power-function EMAs of the parameters (EDM2).
 
@@ -133,6 +136,13 @@ def power_ema(
     stochastic_rounding: for a bfloat16/float16 ``ema_dtype``, round each new
       average stochastically (``None``, the default, and ``True``) or to
       nearest (``False``), as in :func:`optax_ema.moving_average`.
+    offload: if True, keep every floating-point average leaf in the host
+      memory (``pinned_host``) of its parameter's devices, sharded like the
+      parameter, from ``init`` on; each averaging step brings it to the
+      device and back, and steps that do not average (``update_every``,
+      micro-steps, skipped steps) move nothing. The count, debias weights
+      and non-float leaves stay in device memory. See
+      :func:`optax_ema.state_shardings` for ``jit`` and restore targets.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -170,6 +180,7 @@ def power_ema(
   _validation.check_mask(mask)
   if stochastic_rounding is not None:
     _validation.check_bool(stochastic_rounding, "stochastic_rounding")
+  _validation.check_bool(offload, "offload")
   gammas = tuple(_power_math.sigma_rel_to_gamma(s) for s in sigmas)
   engine = _engine.Engine(
     slots=tuple(_engine.Slot(g) for g in gammas),
@@ -177,6 +188,7 @@ def power_ema(
     ema_dtype=ema_dtype,
     mask=mask,
     stochastic=stochastic_rounding,
+    offload=bool(offload),
   )
   layout = _Layout(tuple(sigma_rel_key(s) for s in sigmas))
   return _transform.averaging_transformation(optimizer, engine, layout, "power_ema")

@@ -19,6 +19,7 @@ import optax
 
 from optax_ema import _averages
 from optax_ema import _moving_average
+from optax_ema import _offload
 from optax_ema import _power_ema
 from optax_ema import _power_math
 from optax_ema import _swa
@@ -45,19 +46,35 @@ class Reader(NamedTuple):
   hint: Callable[[list[View]], str] = lambda views: ""
 
 
+def _on_device(tree: Any) -> Any:
+  """``tree`` with offloaded (host memory) leaves brought to the device."""
+  return jax.tree.map(
+    _offload.to_device_if_host, tree, is_leaf=_tree_utils.is_none_or_masked
+  )
+
+
 def _moving_views(state: _moving_average.MovingAverageState) -> list[View]:
-  average, sizes = state.average, state.step_size
+  average = state.average
+  trees: list[Any]
+  keys: list[Any]
+  values: list[Any]
   if isinstance(average, _averages.Averages):
-    trees, keys, values = average.averages, average.keys, average.decays
-    sizes = list(sizes)
+    trees, keys, values = (
+      list(average.averages),
+      list(average.keys),
+      list(average.decays),
+    )
+    sizes = list(state.step_size)
   else:
-    trees, keys, values, sizes = [average], [0], [None], [sizes]
+    trees, keys, values, sizes = [average], [0], [None], [state.step_size]
   out = []
   for key, value, tree, size in zip(keys, values, trees, sizes, strict=True):
     empty = None
     if isinstance(tree, _averages.DebiasedAverage):
       empty = jnp.asarray(tree.weight) == 0
-      tree = _averages.debiased_value(tree.average, tree.weight)
+      tree = _averages.debiased_value(_on_device(tree.average), tree.weight)
+    else:
+      tree = _on_device(tree)
     out.append(View(key, value, tree, size, empty))
   return out
 
@@ -69,12 +86,13 @@ def _power_views(state: _power_ema.PowerEmaState) -> list[View]:
     key = _power_ema.sigma_rel_key(s)
     gamma = _power_math.sigma_rel_to_gamma(s)
     w = _power_math.power_weight(jnp.maximum(count - 1, 0), gamma)
-    out.append(View(key, s, state.averages[key], jnp.where(count > 0, w, 1.0)))
+    tree = _on_device(state.averages[key])
+    out.append(View(key, s, tree, jnp.where(count > 0, w, 1.0)))
   return out
 
 
 def _swa_views(state: _swa.SWAState) -> list[View]:
-  return [View(0, None, state.average, state.step_size)]
+  return [View(0, None, _on_device(state.average), state.step_size)]
 
 
 def _tracked(views: list[View]) -> str:
@@ -270,7 +288,7 @@ def with_params(view: View, params: Any) -> Any:
   Leaves that are not averaged (masked out, not floating point) come from
   ``params``, and so does a debiased average that has not averaged yet.
   """
-  flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=_tree_utils.is_none)
+  flat, treedef = _tree_utils.flatten(params, is_leaf=_tree_utils.is_none)
   averages = treedef.flatten_up_to(view.tree)
   empty = view.empty
   out, k = [], 0

@@ -12,7 +12,7 @@ from optax_ema import _tree_utils
 
 
 def _same_structure(a: Any, b: Any) -> bool:
-  return jax.tree.structure(a) == jax.tree.structure(b)
+  return bool(_tree_utils.structure(a) == _tree_utils.structure(b))
 
 
 def _check_leaves(expected: Any, restored: Any) -> None:

@@ -134,7 +134,9 @@ def power_rule(gamma: float) -> Rule:
   return rule
 
 
-def swa_rule(start_averaging: Any, average_period: Any) -> tuple[Rule, Rule]:
+def swa_rule(
+  start_averaging: Any, average_period: Any
+) -> tuple[Rule, Callable[[jax.Array], jax.Array]]:
   """SWA's running mean: ``(rule, moves)``.
 
   Before ``start_averaging`` updates the average copies the params
@@ -158,7 +160,7 @@ def swa_rule(start_averaging: Any, average_period: Any) -> tuple[Rule, Rule]:
     before, snapshot, _ = schedule(count)
     return before | snapshot
 
-  return rule, moves  # type: ignore[return-value]
+  return rule, moves
 
 
 def interval_step(rule: Rule, count: jax.Array, k: int) -> StepSize:

@@ -44,7 +44,9 @@ class SWAState(NamedTuple):
 
   inner_state: optax.OptState
   average: optax.Params
-  count: jax.Array
+  # `count` shadows tuple.count, as in optax's states; the field name is the
+  # layout of users' checkpoints.
+  count: jax.Array  # type: ignore[assignment]
   step_size: jax.Array
 
 
@@ -101,6 +103,8 @@ def swa(
   optimizer: optax.GradientTransformation,
   start_averaging: int = 0,
   average_period: int = 10,
+  *,
+  offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer to keep a stochastic weight average of the params.
 
@@ -132,6 +136,13 @@ def swa(
     start_averaging: the number of updates before the first snapshot.
     average_period: take a snapshot every this many updates (>= 1).
       Both may be int32 scalars traced by ``optax.inject_hyperparams``.
+    offload: if True, keep every floating-point average leaf in the host
+      memory (``pinned_host``) of its parameter's devices, sharded like the
+      parameter, from ``init`` on; each averaging step brings it to the
+      device and back, and steps that do not average (``update_every``,
+      micro-steps, skipped steps) move nothing. The count, debias weights
+      and non-float leaves stay in device memory. See
+      :func:`optax_ema.state_shardings` for ``jit`` and restore targets.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -167,11 +178,13 @@ def swa(
   """
   _validation.check_int(start_averaging, "start_averaging", 0)
   _validation.check_int(average_period, "average_period", 1)
+  _validation.check_bool(offload, "offload")
   rule, moves = _rules.swa_rule(start_averaging, average_period)
   engine = _engine.Engine(
     slots=(_engine.Slot(None),),
     make_rule=lambda _: rule,
     moves=moves,
     interval=average_period,
+    offload=bool(offload),
   )
   return _transform.averaging_transformation(optimizer, engine, _Layout(), "swa")

@@ -25,7 +25,8 @@ from optax_ema import _tree_utils
 class Layout(Protocol):
   """How one transform stores its averages, count and step sizes."""
 
-  state_type: type
+  @property
+  def state_type(self) -> type: ...
 
   def pack(
     self,
@@ -110,6 +111,6 @@ def averaging_transformation(
       inner_before=inner_state,
       inner_after=new_inner,
     )
-    return out.updates, layout.pack(new_inner, out.slots, out.count, out.step_sizes)
+    return out.updates, layout.pack(new_inner, out.slots, out.counted, out.step_sizes)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -46,6 +46,22 @@ def is_placeholder(params: Any) -> bool:
   return type(params).__name__ == "_ParamsPlaceholder"
 
 
+def flatten(
+  tree: Any, is_leaf: Callable[[Any], bool] | None = is_none_or_masked
+) -> tuple[list[Any], Any]:
+  """``tree``'s leaves (``None``/``MaskedNode`` kept as leaves) and treedef.
+
+  The treedef is typed ``Any``: jaxlib ships no type stubs for ``PyTreeDef``.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
+  return leaves, treedef
+
+
+def structure(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
+  """``jax.tree.structure(tree)``, typed ``Any`` (see :func:`flatten`)."""
+  return jax.tree.structure(tree, is_leaf=is_leaf)
+
+
 def keystr(path: tuple[Any, ...]) -> str:
   return jax.tree_util.keystr(path) if path else "<root>"
 
@@ -100,9 +116,8 @@ def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
   ``tree`` is what the caller passed as ``name``. Structures, and the shapes
   of leaves that ``reference`` holds as arrays, must agree.
   """
-  ref_flat, ref_def = jax.tree_util.tree_flatten_with_path(
-    reference, is_leaf=is_none_or_masked
-  )
+  ref_flat = leaves_with_paths(reference)
+  ref_def = flatten(reference)[1]
   try:
     # A MaskedNode in the reference stands for a whole leaf (or subtree).
     tree_leaves = ref_def.flatten_up_to(tree)

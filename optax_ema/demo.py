@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+from typing import NoReturn
 from typing import TextIO
 
 INSTALL_COMMAND = 'pip install "optax-ema[demo]"'
@@ -54,7 +55,7 @@ TABLE_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # checkpoints in the table
 class _Parser(argparse.ArgumentParser):
   """An argument parser whose errors are one line (and exit code 2)."""
 
-  def error(self, message: str) -> None:  # type: ignore[override]
+  def error(self, message: str) -> NoReturn:
     self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -376,7 +377,7 @@ def run(args: argparse.Namespace, progress_stream: TextIO | None = None) -> Hist
   @jax.jit
   def evaluate(state: Any) -> jax.Array:
     def metrics(params: Any) -> jax.Array:
-      logits = model.apply({"params": params}, x_test)
+      logits: Any = model.apply({"params": params}, x_test)  # no mutable state
       acc = jnp.mean(jnp.argmax(logits, -1) == y_test)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y_test).mean()
       return jnp.stack([acc, loss])

@@ -22,13 +22,10 @@ from optax_ema import _swa
 from optax_ema.compat import _config
 from optax_ema.compat import _optimizers
 from optax_ema.compat import _slots
-from optax_ema.compat import _stateful
 from optax_ema.compat import _weights
 
 
-class _AveragedOptimizer(
-  _stateful.Stateful, _weights.Weights, _slots.Slots, _config.Config
-):
+class _AveragedOptimizer(_weights.Weights, _slots.Slots, _config.Config):
   """Every member shared by :class:`MovingAverage` and :class:`SWA`."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from optax_ema.compat import _stateful
+
 
 def _copy_config(value: Any) -> Any:
   if isinstance(value, dict):
@@ -50,7 +52,7 @@ def _restore_optimizer(
   return name, kwargs
 
 
-class Config:
+class Config(_stateful.Stateful):
   """``get_config`` and ``from_config``."""
 
   # -- config ----------------------------------------------------------------
@@ -85,16 +87,17 @@ class Config:
     """
     if not isinstance(config, Mapping):
       raise TypeError(f"`config` must be a dict, got {type(config).__name__}.")
-    config = _copy_config(dict(config))
-    if "optimizer" not in config:
+    kwargs: dict[str, Any] = _copy_config(dict(config))
+    if "optimizer" not in kwargs:
       raise ValueError("`config` has no 'optimizer' entry.")
     optimizer, optimizer_kwargs = _restore_optimizer(
-      config.pop("optimizer"), custom_objects
+      kwargs.pop("optimizer"), custom_objects
     )
-    clash = sorted(set(optimizer_kwargs) & set(config))
+    clash = sorted(set(optimizer_kwargs) & set(kwargs))
     if clash:
       raise ValueError(
         f"`config` sets {', '.join(clash)} both at the top level and in the "
         "optimizer's config."
       )
-    return cls(optimizer, **config, **optimizer_kwargs)
+    make: Any = cls  # MovingAverage or SWA, each with its own arguments
+    return make(optimizer, **kwargs, **optimizer_kwargs)

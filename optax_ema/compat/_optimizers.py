@@ -60,7 +60,7 @@ CLIP_KEYS = ("clipnorm", "clipvalue", "global_clipnorm")
 @functools.cache
 def optimizer_names() -> dict[str, Callable[..., optax.GradientTransformation]]:
   """Every optax alias, by name: public callables taking a ``learning_rate``."""
-  names = {}
+  names: dict[str, Callable[..., optax.GradientTransformation]] = {}
   for name in dir(optax):
     if name.startswith("_") or name.startswith("scale_by") or name != name.lower():
       continue
@@ -154,7 +154,9 @@ class InverseTimeDecayState(NamedTuple):
     inner_state: the alias's state.
   """
 
-  count: jax.Array
+  # `count` shadows tuple.count, as in optax's states; the field name is the
+  # layout of users' checkpoints.
+  count: jax.Array  # type: ignore[assignment]
   inner_state: optax.OptState
 
 

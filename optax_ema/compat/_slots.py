@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from optax_ema import _tree_utils
+from optax_ema.compat import _stateful
 from optax_ema.compat import _weights
 
 # Keras slot names -> optax state field names.
@@ -29,7 +30,7 @@ def _simple_key(entry: Any) -> Any:
   return entry
 
 
-class Slots:
+class Slots(_stateful.Stateful):
   """``get_slot``, ``get_slot_names`` and ``add_slot``."""
 
   # -- slots -----------------------------------------------------------------
@@ -81,9 +82,9 @@ class Slots:
         for p, x in _tree_utils.leaves_with_paths(tree)
         if x is not None
       ]
-      return leaves == reference and jax.tree.structure(
+      return leaves == reference and _tree_utils.structure(
         tree, is_leaf=_tree_utils.is_none_or_masked
-      ) == jax.tree.structure(
+      ) == _tree_utils.structure(
         self._state.average, is_leaf=_tree_utils.is_none_or_masked
       )
 

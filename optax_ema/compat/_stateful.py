@@ -22,7 +22,7 @@ def _is_hyperparams_state(x: Any) -> bool:
   return (
     isinstance(x, tuple)
     and "hyperparams" in getattr(x, "_fields", ())
-    and isinstance(x.hyperparams, dict)
+    and isinstance(getattr(x, "hyperparams", None), dict)
   )
 
 

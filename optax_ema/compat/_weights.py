@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_ema import _tree_utils
+from optax_ema.compat import _stateful
+
 
 def initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
   if isinstance(initializer, str):
@@ -32,7 +35,7 @@ def initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.A
   return value
 
 
-class Weights:
+class Weights(_stateful.Stateful):
   """``weights``, ``get_weights``/``set_weights`` and ``add_weight``."""
 
   # -- weights ---------------------------------------------------------------
@@ -95,7 +98,7 @@ class Weights:
         )
       new.append(value)
     state = self._state
-    treedef = jax.tree.structure((state.count, state.average, state.inner_state))
+    treedef = _tree_utils.structure((state.count, state.average, state.inner_state))
     count, average, inner_state = jax.tree.unflatten(treedef, new[: treedef.num_leaves])
     self._state = state._replace(inner_state=inner_state, average=average, count=count)
     rest = iter(new[treedef.num_leaves :])
