@@ -16,7 +16,7 @@ ROOT = DOCS.parent
 
 project = "optax_ema"
 author = "optax_ema authors"
-copyright = "optax_ema authors"  # noqa: A001 (Sphinx's name for it)
+copyright = "optax_ema authors"
 release = version = optax_ema.__version__
 
 extensions = [
@@ -29,7 +29,6 @@ extensions = [
 ]
 
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
-suppress_warnings = []
 
 # -- The notebooks -----------------------------------------------------------
 # They stay in notebooks/ (the test suite executes them there); the site
@@ -55,7 +54,7 @@ _copy_notebooks()
 
 nb_execution_mode = "off"
 nb_merge_streams = True
-myst_enable_extensions = ["dollarmath"]
+myst_enable_extensions = ["colon_fence", "dollarmath"]
 # \text{average\_decay} in the docstrings' math needs MathJax's textmacros.
 mathjax3_config = {
   "loader": {"load": ["[tex]/textmacros"]},
@@ -83,11 +82,7 @@ nitpick_ignore_regex = [
   # Private modules are not documented; a type annotation or a docstring may
   # still name one (the reference then renders as plain text).
   (r"py:.*", r"~?optax_ema\._.*"),
-  (r"py:.*", r"(typing|collections\.abc|os|pathlib|concurrent)\..*"),
-  (r"py:class", r"(Any|Callable|Sequence|Iterable|Mapping|NamedTuple|PathLike)"),
-  (r"py:class", r"(int|float|bool|str|bytes|dict|list|tuple|object|None)"),
 ]
-
 
 
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):
@@ -117,4 +112,6 @@ html_theme_options = {
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 # One search field (the header's), not a second one in the sidebar.
-html_sidebars = {"**": ["navbar-logo.html", "icon-links.html", "sbt-sidebar-nav.html"]}
+html_sidebars = {
+  "**": ["navbar-logo.html", "icon-links.html", "sbt-sidebar-nav.html"]
+}
