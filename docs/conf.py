@@ -1,9 +1,10 @@
 """Sphinx configuration of the optax_ema documentation.
 
-Build it from the repository root with ``sphinx-build docs docs/_build/html``
-(``-W`` turns warnings into errors, as the test suite does). Nothing is
-downloaded: no intersphinx, MathJax is served from the build itself, and the
-notebooks are rendered from their stored outputs, never executed.
+Build it from the repository root with
+``sphinx-build docs docs/_build/html`` (``-W`` turns warnings into errors,
+as the test suite does). Nothing is downloaded: no intersphinx, MathJax is
+served from the build itself, and the notebooks are rendered from their
+stored outputs, never executed.
 """
 
 import pathlib
@@ -30,7 +31,7 @@ extensions = [
 
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]
 
-# -- The notebooks -----------------------------------------------------------
+# -- The notebooks ---------------------------------------------------------
 # They stay in notebooks/ (the test suite executes them there); the site
 # renders copies, made here into a git-ignored folder, from their stored
 # outputs.
@@ -62,7 +63,7 @@ mathjax3_config = {
 }
 myst_heading_anchors = 3
 
-# -- API reference -----------------------------------------------------------
+# -- API reference ---------------------------------------------------------
 autodoc_default_options = {"member-order": "bysource"}
 # Signatures show names and defaults only: the docstrings say what each
 # argument takes, and the annotations (jax.typing.ArrayLike alone is a union
@@ -86,7 +87,7 @@ nitpick_ignore_regex = [
 
 
 def _skip_namedtuple_fields(app, what, name, obj, skip, options):
-  """Leaves a NamedTuple's fields to its docstring's ``Attributes:`` section.
+  """Leaves a NamedTuple's fields to its docstring's ``Attributes:``.
 
   autodoc would also list each field ("Alias for field number 0"), a
   duplicate of the entry napoleon makes from ``Attributes:``.
@@ -102,7 +103,7 @@ def setup(app):
   app.connect("autodoc-skip-member", _skip_namedtuple_fields)
 
 
-# -- HTML --------------------------------------------------------------------
+# -- HTML ------------------------------------------------------------------
 html_theme = "sphinx_book_theme"
 html_title = f"optax_ema {release}"
 html_theme_options = {
