@@ -74,6 +74,12 @@ autosummary_generate = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# A NamedTuple's fields are listed from its ``Attributes:`` section, with
+# the docstring's words, not a "Type:" box per field from the annotations.
+napoleon_attr_annotations = False
+# The page outline names members without their class (``step``, not
+# ``ReconstructionWeights.step``).
+toc_object_entries_show_parents = "hide"
 
 # Every reference must resolve; the only exceptions are names of other
 # projects (no intersphinx: nothing may be downloaded at build time).
