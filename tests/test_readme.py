@@ -1,14 +1,15 @@
 """The README's promises: its code runs, and its two commands are the real ones."""
 
 import pathlib
-import re
 import subprocess
 
 import pytest
+from markdown_blocks import python_blocks
+from markdown_blocks import run_python_block
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+PYTHON_BLOCKS = python_blocks(README)
 
 
 def _command_after(marker: str) -> str:
@@ -17,17 +18,20 @@ def _command_after(marker: str) -> str:
   return lines[index + 2].removeprefix("$ ")  # skip the ```bash fence
 
 
-def test_readme_has_python_examples():
-  assert len(PYTHON_BLOCKS) >= 5
+def test_readme_has_a_quickstart_that_shows_its_output():
+  # The other examples live in the guides (tests/test_guides.py runs them).
+  quickstart = PYTHON_BLOCKS[0]
+  assert "optax_ema.moving_average(" in quickstart.source
+  assert "optax_ema.averaged_params(" in quickstart.source
+  assert quickstart.expected_output is not None
 
 
 @pytest.mark.parametrize(
-  "source", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))]
+  "block", PYTHON_BLOCKS, ids=[f"block{i}" for i in range(len(PYTHON_BLOCKS))]
 )
-def test_readme_python_block_runs(source, tmp_path, monkeypatch):
+def test_readme_python_block_runs(block, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  namespace = {"__name__": "__readme__"}
-  exec(compile(source, "README.md", "exec"), namespace)
+  run_python_block(block, "README.md")
 
 
 def test_readme_has_exactly_two_setup_commands():
@@ -40,6 +44,8 @@ def test_readme_has_exactly_two_setup_commands():
   assert test.startswith("python3 -m venv .venv && ")
   for step in ("pip install", "ruff check", "ruff format --check", "pytest"):
     assert step in test
+  # The suite builds the documentation, so the test command installs it too.
+  assert 'pip install -e ".[test,docs]"' in test
 
 
 def test_ci_runs_the_readme_test_command():

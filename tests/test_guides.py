@@ -1,0 +1,69 @@
+"""Every Python block of the documentation's pages runs, and prints what it shows.
+
+The pages are ``docs/index.md`` and the guides ``docs/guides/*.md``. A block
+followed directly by a ```` ```text ```` block must print exactly that text.
+"""
+
+import pathlib
+
+import pytest
+from markdown_blocks import python_blocks
+from markdown_blocks import run_python_block
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = [DOCS / "index.md", *sorted((DOCS / "guides").glob("*.md"))]
+
+# The blocks that cannot run here, each named by its page and a line found in
+# that block only, with the reason. They are still compiled (valid Python).
+OPT_OUT = {
+  ("guides/migrating.md", "import tensorflow_addons as tfa"): (
+    "the TensorFlow Addons script being migrated from: TensorFlow Addons is "
+    "end-of-life and not installable next to this project's dependencies"
+  ),
+}
+
+
+def _collect():
+  runnable, opted_out = [], []
+  matched = set()
+  for page in PAGES:
+    name = page.relative_to(DOCS).as_posix()
+    for index, block in enumerate(python_blocks(page.read_text(encoding="utf-8"))):
+      case = (name, index, block)
+      keys = [key for key in OPT_OUT if key[0] == name and key[1] in block.source]
+      if len(keys) > 1:
+        raise ValueError(f"{name}:{block.line} matches several opt-outs: {keys}")
+      (opted_out if keys else runnable).append(case)
+      matched.update(keys)
+  if stale := set(OPT_OUT) - matched:
+    raise ValueError(f"opt-outs that match no block (remove them): {sorted(stale)}")
+  return runnable, opted_out
+
+
+RUNNABLE, OPTED_OUT = _collect()
+
+
+def _ids(cases):
+  return [f"{name}:{block.line}" for name, _, block in cases]
+
+
+def test_every_guide_has_python_examples():
+  pages_with_code = {name for name, _, _ in RUNNABLE}
+  for page in PAGES:
+    assert page.relative_to(DOCS).as_posix() in pages_with_code, page
+  assert len(RUNNABLE) >= 20
+
+
+@pytest.mark.parametrize(("name", "index", "block"), RUNNABLE, ids=_ids(RUNNABLE))
+def test_guide_python_block_runs(name, index, block, tmp_path, monkeypatch):
+  del index
+  monkeypatch.chdir(tmp_path)  # blocks that write files write them here
+  run_python_block(block, f"docs/{name}")
+
+
+@pytest.mark.parametrize(("name", "index", "block"), OPTED_OUT, ids=_ids(OPTED_OUT))
+def test_opted_out_block_is_valid_python(name, index, block):
+  del index
+  code = compile(block.source, f"docs/{name}:{block.line}", "exec")
+  assert code.co_names  # it is code, not an empty block
