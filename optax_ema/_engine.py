@@ -50,13 +50,12 @@ class SlotState(NamedTuple):
   weight: jax.Array | None = None
 
 
-class Averaged(NamedTuple):
-  """What :meth:`Engine.update` returns."""
+class EngineState(NamedTuple):
+  """Everything the engine keeps, however a transform's state lays it out."""
 
   slots: list[SlotState]
-  counted: jax.Array  # the count after the step
-  step_sizes: list[jax.Array]
-  updates: Any
+  counted: jax.Array  # int32: the updates applied so far (the state's count)
+  step_sizes: list[jax.Array]  # per average: the last step's per-step weight
 
 
 def default_ema_dtype(leaf_dtype: Any, ema_dtype: Any) -> Any:
@@ -228,13 +227,14 @@ class Engine(NamedTuple):
 
   # -- init --------------------------------------------------------------------
 
-  def init(self, params: Any) -> tuple[list[SlotState], list[jax.Array]]:
-    """The averages (copies of ``params``) and their initial step sizes."""
+  def init(self, params: Any) -> EngineState:
+    """The averages (copies of ``params``), a zero count, step sizes of 1."""
     if _tree_utils.is_placeholder(params):
       # optax.tree_map_params: the averages are param-shaped; say so.
       weights = [jnp.zeros([], jnp.float32) if s.debias else None for s in self.slots]
       slots = [SlotState(params, w) for w in weights]
-      return slots, [jnp.ones([], jnp.float32) for _ in self.slots]
+      ones = [jnp.ones([], jnp.float32) for _ in self.slots]
+      return EngineState(slots, jnp.zeros([], jnp.int32), ones)
     mask = _tree_utils.expand_mask(self.mask, params)
     slots, step_sizes = [], []
     for slot in self.slots:
@@ -245,7 +245,7 @@ class Engine(NamedTuple):
       weight = jnp.zeros(shape, jnp.float32) if slot.debias else None
       slots.append(SlotState(tree, weight))
       step_sizes.append(jnp.ones(shape, jnp.float32))
-    return slots, step_sizes
+    return EngineState(slots, jnp.zeros([], jnp.int32), step_sizes)
 
   def _init_leaf(self, p: Any) -> Any:
     if _tree_utils.is_float(p):
@@ -263,17 +263,20 @@ class Engine(NamedTuple):
 
   def update(
     self,
-    slots: list[SlotState],
-    count: jax.Array,
-    step_sizes: list[jax.Array],
+    state: EngineState,
     *,
     params: Any,
     grads: Any,
     updates: Any,
     inner_before: Any,
     inner_after: Any,
-  ) -> Averaged:
-    """One step: average if this step averages, count it, maybe overwrite."""
+  ) -> tuple[EngineState, Any]:
+    """One step: average if this step averages, count it, maybe overwrite.
+
+    Returns the new state and the updates to apply (the wrapped optimizer's,
+    or the overwrite's).
+    """
+    slots, count, step_sizes = state
     reference = slots[0].tree
     values = latest_values(reference, params, updates, self.sequential)
     finite = None
@@ -316,7 +319,7 @@ class Engine(NamedTuple):
         new_slots[self.overwrite_slot],
         params,
       )
-    return Averaged(new_slots, new_count, new_sizes, out_updates)
+    return EngineState(new_slots, new_count, new_sizes), out_updates
 
   def _follow(self, slot: SlotState, values: Any, real: jax.Array | None) -> SlotState:
     """Non-float leaves are not averaged: they take the latest value of a step.

@@ -123,14 +123,15 @@ def averaged_nnx_state(model: Any, optimizer: Any, *, which: Any = None) -> Any:
     >>> import optax
     >>> import optax_ema
     >>> from flax import nnx
-    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
-    >>> tx = optax_ema.moving_average(optax.sgd(0.1), average_decay=0.5)
-    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    >>> grads = nnx.grad(lambda m: m(jnp.ones((1, 2))).sum())(model)
-    >>> _ = optimizer.update(model, grads)
-    >>> averaged = optax_ema.averaged_nnx_state(model, optimizer)
-    >>> print(f"{averaged['bias'][0]:.3f} {model.bias[0]:.3f}")
-    -0.050 -0.100
+    >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+    >>> optimizer = nnx.Optimizer(
+    ...   model, optax_ema.moving_average(optax.sgd(1.0), 0.75), wrt=nnx.Param
+    ... )
+    >>> for _ in range(2):  # the loss is the bias's sum: its gradient is one
+    ...   _ = optimizer.update(model, nnx.grad(lambda m: m.bias.sum())(model))
+    >>> state = optax_ema.averaged_nnx_state(model, optimizer)
+    >>> print(sorted(state), f"{state['bias'][0]:.4f} {model.bias[0]:.4f}")
+    ['bias', 'kernel'] -0.6875 -2.0000
   """
   nnx = _import_nnx("averaged_nnx_state")
   if not (hasattr(optimizer, "opt_state") and hasattr(optimizer, "wrt")):
@@ -168,9 +169,7 @@ def averaged_nnx_model(model: Any, optimizer: Any, *, which: Any = None) -> Any:
     A new module of the same type as ``model``.
 
   Raises:
-    ImportError: Flax is not installed.
-    TypeError: ``optimizer`` is not an ``nnx.Optimizer``.
-    ValueError: no averaging state, or more than one, in the optimizer.
+    The errors of :func:`averaged_nnx_state`.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -71,13 +71,8 @@ class _Layout:
   def __init__(self, keys: tuple[Any, ...], labels: tuple[Any, ...], several: bool):
     self.keys, self.labels, self.several = keys, labels, several
 
-  def pack(
-    self,
-    inner_state: Any,
-    slots: list[_engine.SlotState],
-    count: jax.Array,
-    step_sizes: list[jax.Array],
-  ) -> MovingAverageState:
+  def pack(self, inner_state: Any, averages: _engine.EngineState) -> MovingAverageState:
+    slots, count, step_sizes = averages
     trees = [
       s.tree if s.weight is None else _averages.DebiasedAverage(s.tree, s.weight)
       for s in slots
@@ -87,9 +82,7 @@ class _Layout:
       return MovingAverageState(inner_state, average, count, tuple(step_sizes))
     return MovingAverageState(inner_state, trees[0], count, step_sizes[0])
 
-  def unpack(
-    self, state: MovingAverageState
-  ) -> tuple[Any, list[_engine.SlotState], jax.Array, list[jax.Array]]:
+  def unpack(self, state: MovingAverageState) -> tuple[Any, _engine.EngineState]:
     if self.several:
       trees, sizes = list(state.average.averages), list(state.step_size)
     else:
@@ -100,7 +93,7 @@ class _Layout:
       else _engine.SlotState(t)
       for t in trees
     ]
-    return state.inner_state, slots, state.count, sizes
+    return state.inner_state, _engine.EngineState(slots, state.count, sizes)
 
 
 def _check_rounding(stochastic_rounding: Any, ema_dtype: Any, decays: Any) -> None:

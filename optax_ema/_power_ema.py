@@ -35,16 +35,13 @@ class PowerEmaState(NamedTuple):
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optax_ema
-    >>> params = {"w": jnp.zeros(2)}
-    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+    >>> params = {"w": jnp.zeros(2, jnp.bfloat16)}
+    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.10, 0.05))
     >>> state = tx.init(params)
-    >>> print(type(state).__name__, sorted(state.averages))
-    PowerEmaState ['0.05', '0.1']
-    >>> for _ in range(4):
-    ...   updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print(int(state.count), f"{state.averages['0.1']['w'][0]:.4f}")
-    4 3.8940
+    >>> print(type(state).__name__, list(state.averages), int(state.count))
+    PowerEmaState ['0.05', '0.1'] 0
+    >>> print(state.averages["0.05"]["w"].dtype)
+    float32
   """
 
   inner_state: optax.OptState
@@ -72,23 +69,15 @@ class _Layout:
   def __init__(self, keys: tuple[str, ...]) -> None:
     self.keys = keys
 
-  def pack(
-    self,
-    inner_state: Any,
-    slots: list[_engine.SlotState],
-    count: jax.Array,
-    step_sizes: list[jax.Array],
-  ) -> PowerEmaState:
-    del step_sizes  # a profile's step size follows from the count
-    averages = {k: s.tree for k, s in zip(self.keys, slots, strict=True)}
-    return PowerEmaState(inner_state, averages, count)
+  def pack(self, inner_state: Any, averages: _engine.EngineState) -> PowerEmaState:
+    # A profile's step size follows from the count: it is not stored.
+    trees = {k: s.tree for k, s in zip(self.keys, averages.slots, strict=True)}
+    return PowerEmaState(inner_state, trees, averages.counted)
 
-  def unpack(
-    self, state: PowerEmaState
-  ) -> tuple[Any, list[_engine.SlotState], jax.Array, list[jax.Array]]:
+  def unpack(self, state: PowerEmaState) -> tuple[Any, _engine.EngineState]:
     slots = [_engine.SlotState(state.averages[k]) for k in self.keys]
     sizes = [jnp.ones([], jnp.float32) for _ in self.keys]
-    return state.inner_state, slots, state.count, sizes
+    return state.inner_state, _engine.EngineState(slots, state.count, sizes)
 
 
 def power_ema(
@@ -136,13 +125,8 @@ def power_ema(
     stochastic_rounding: for a bfloat16/float16 ``ema_dtype``, round each new
       average stochastically (``None``, the default, and ``True``) or to
       nearest (``False``), as in :func:`optax_ema.moving_average`.
-    offload: if True, keep every floating-point average leaf in the host
-      memory (``pinned_host``) of its parameter's devices, sharded like the
-      parameter, from ``init`` on; each averaging step brings it to the
-      device and back, and steps that do not average (``update_every``,
-      micro-steps, skipped steps) move nothing. The count, debias weights
-      and non-float leaves stay in device memory. See
-      :func:`optax_ema.state_shardings` for ``jit`` and restore targets.
+    offload: keep the floating-point averages in host memory, as
+      :func:`optax_ema.moving_average` does with ``offload=True``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a

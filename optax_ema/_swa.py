@@ -55,24 +55,13 @@ class _Layout:
 
   state_type = SWAState
 
-  def pack(
-    self,
-    inner_state: Any,
-    slots: list[_engine.SlotState],
-    count: jax.Array,
-    step_sizes: list[jax.Array],
-  ) -> SWAState:
+  def pack(self, inner_state: Any, averages: _engine.EngineState) -> SWAState:
+    slots, count, step_sizes = averages
     return SWAState(inner_state, slots[0].tree, count, step_sizes[0])
 
-  def unpack(
-    self, state: SWAState
-  ) -> tuple[Any, list[_engine.SlotState], jax.Array, list[jax.Array]]:
-    return (
-      state.inner_state,
-      [_engine.SlotState(state.average)],
-      state.count,
-      [state.step_size],
-    )
+  def unpack(self, state: SWAState) -> tuple[Any, _engine.EngineState]:
+    slots = [_engine.SlotState(state.average)]
+    return state.inner_state, _engine.EngineState(slots, state.count, [state.step_size])
 
 
 def swa_average_op(
@@ -136,13 +125,8 @@ def swa(
     start_averaging: the number of updates before the first snapshot.
     average_period: take a snapshot every this many updates (>= 1).
       Both may be int32 scalars traced by ``optax.inject_hyperparams``.
-    offload: if True, keep every floating-point average leaf in the host
-      memory (``pinned_host``) of its parameter's devices, sharded like the
-      parameter, from ``init`` on; each averaging step brings it to the
-      device and back, and steps that do not average (``update_every``,
-      micro-steps, skipped steps) move nothing. The count, debias weights
-      and non-float leaves stay in device memory. See
-      :func:`optax_ema.state_shardings` for ``jit`` and restore targets.
+    offload: keep the floating-point averages in host memory, as
+      :func:`optax_ema.moving_average` does with ``offload=True``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a

@@ -13,8 +13,6 @@ from __future__ import annotations
 from typing import Any
 from typing import Protocol
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from optax_ema import _engine
@@ -28,17 +26,9 @@ class Layout(Protocol):
   @property
   def state_type(self) -> type: ...
 
-  def pack(
-    self,
-    inner_state: Any,
-    slots: list[_engine.SlotState],
-    count: jax.Array,
-    step_sizes: list[jax.Array],
-  ) -> Any: ...
+  def pack(self, inner_state: Any, averages: _engine.EngineState) -> Any: ...
 
-  def unpack(
-    self, state: Any
-  ) -> tuple[Any, list[_engine.SlotState], jax.Array, list[jax.Array]]: ...
+  def unpack(self, state: Any) -> tuple[Any, _engine.EngineState]: ...
 
 
 def check_transformation(optimizer: Any) -> None:
@@ -88,8 +78,7 @@ def averaging_transformation(
   def init_fn(params: optax.Params) -> Any:
     inner_state = inner.init(params)
     _inner_state.check_not_an_update_average(inner_state, caller)
-    slots, step_sizes = engine.init(params)
-    return layout.pack(inner_state, slots, jnp.zeros([], jnp.int32), step_sizes)
+    return layout.pack(inner_state, engine.init(params))
 
   def update_fn(
     updates: optax.Updates,
@@ -98,19 +87,17 @@ def averaging_transformation(
     **extra_args: Any,
   ) -> tuple[optax.Updates, Any]:
     _check_state(state, layout, caller)
-    inner_state, slots, count, step_sizes = layout.unpack(state)
-    _tree_utils.check_update_args(caller, slots[0].tree, params, updates)
+    inner_state, averages = layout.unpack(state)
+    _tree_utils.check_update_args(caller, averages.slots[0].tree, params, updates)
     new_updates, new_inner = inner.update(updates, inner_state, params, **extra_args)
-    out = engine.update(
-      slots,
-      count,
-      step_sizes,
+    averages, out_updates = engine.update(
+      averages,
       params=params,
       grads=updates,
       updates=new_updates,
       inner_before=inner_state,
       inner_after=new_inner,
     )
-    return out.updates, layout.pack(new_inner, out.slots, out.counted, out.step_sizes)
+    return out_updates, layout.pack(new_inner, averages)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -74,11 +74,16 @@ def _int_at_least(minimum: int) -> Any:
   return parse
 
 
-def _decay(text: str) -> float:
+def _float(text: str) -> float:
+  """``text`` as a float, NaN when it is not a number (every check rejects NaN)."""
   try:
-    value = float(text)
+    return float(text)
   except ValueError:
-    value = math.nan
+    return math.nan
+
+
+def _decay(text: str) -> float:
+  value = _float(text)
   if not 0.0 <= value < 1.0:  # also rejects nan
     raise argparse.ArgumentTypeError(
       f"expected a number in [0, 1) such as 0.99, got {text!r}"
@@ -87,10 +92,7 @@ def _decay(text: str) -> float:
 
 
 def _learning_rate(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    value = math.nan
+  value = _float(text)
   if not (math.isfinite(value) and value > 0):
     raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
   return value

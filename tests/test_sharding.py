@@ -259,3 +259,35 @@ def test_overwrite_every_keeps_shardings_and_equals_the_unsharded_run():
     assert params[k].sharding == sharding
     np.testing.assert_allclose(params[k], ref_params[k], rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(params[k], state.average[k], rtol=1e-6, atol=1e-7)
+
+
+def _collectives(tx, with_hand_ema=False):
+  mesh = _mesh()
+  shardings = _shardings(mesh)
+  params = jax.device_put(_params(), shardings)
+  x, y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in _batch())
+  state = jax.jit(tx.init)(params)
+  ema = jax.tree.map(jnp.copy, params)
+
+  def step(params, state, ema, x, y):
+    updates, state = tx.update(jax.grad(_loss)(params, x, y), state, params)
+    params = optax.apply_updates(params, updates)
+    if with_hand_ema:
+      ema = jax.tree.map(lambda e, p: e + 0.1 * (p - e), ema, params)
+    return params, state, ema
+
+  hlo = jax.jit(step).lower(params, state, ema, x, y).compile().as_text()
+  return {op: hlo.count(f" {op}(") for op in ("all-gather", "all-reduce", "all-to-all")}
+
+
+def test_the_average_adds_no_collective_to_a_training_step():
+  # Sharded and replicated ("scale") params, a batch sharded over "data":
+  # the step has the collectives of adamw alone, as with a hand-written EMA.
+  alone = _collectives(optax.adamw(0.05))
+  ema = optax_ema.moving_average(optax.adamw(0.05), 0.9, dynamic_decay=True)
+  assert _collectives(ema) == alone
+  assert _collectives(optax.adamw(0.05), with_hand_ema=True) == alone
+  # skip_nonfinite asks whether every shard is finite: scalar all-reduces.
+  checked = _collectives(_tx())
+  assert checked["all-gather"] == alone["all-gather"]
+  assert checked["all-reduce"] > alone["all-reduce"]
