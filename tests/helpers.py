@@ -46,12 +46,27 @@ def grads(steps: int, seed: int = 0, like: Any = None) -> list[Any]:
 
 def run(tx: Any, params: Any, grads_seq: Any, *, jit: bool = True) -> tuple[Any, Any]:
   """``(params, state)`` after training with ``tx`` on ``grads_seq``."""
+  params, state, _ = run_recording(tx, params, grads_seq, jit=jit)
+  return params, state
+
+
+def run_recording(
+  tx: Any,
+  params: Any,
+  grads_seq: Any,
+  record: Any = lambda params, state, updates: params,
+  *,
+  jit: bool = True,
+) -> tuple[Any, Any, list[Any]]:
+  """``(params, state, history)``: ``record(params, state, updates)`` each step."""
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
+  history = []
   for g in grads_seq:
     updates, state = update(g, state, params)
     params = optax.apply_updates(params, updates)
-  return params, state
+    history.append(record(params, state, updates))
+  return params, state, history
 
 
 def as_np(tree: Any) -> Any:

@@ -51,7 +51,7 @@ def test_reference_ema_update_every_uses_compensated_decay():
   np.testing.assert_allclose(average, [0.25 * first + 0.75 * 4.0])
 
 
-def test_tree_sizes_match_the_issue():
+def test_tree_sizes_are_the_documented_ones():
   assert 45 <= bench.num_leaves("1M") <= 55
   assert abs(bench.num_params("1M") - 1_000_000) < 0.01 * 1_000_000
   assert 190 <= bench.num_leaves("64M") <= 210

@@ -1,4 +1,4 @@
-"""The seed's classes, MovingAverage and SWA, member by member (issue 3, item 4).
+"""The seed's classes, MovingAverage and SWA, member by member .
 
 Includes the upstream TFA test cases (moving_average_test.py, swa_test.py)
 with their published numbers; other expected values come from NumPy written

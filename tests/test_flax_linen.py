@@ -1,4 +1,4 @@
-"""Flax linen TrainState with moving_average (issue 4, item 2).
+"""Flax linen TrainState with moving_average.
 
 References are NumPy EMAs of the recorded parameter trajectory; batch
 statistics follow flax's documented BatchNorm rule

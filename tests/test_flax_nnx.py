@@ -1,6 +1,6 @@
 """Flax NNX: nnx.Optimizer with moving_average and the eval-model helpers.
 
-Issue 4, item 3. References are NumPy EMAs of the recorded Param trajectory.
+References are NumPy EMAs of the recorded Param trajectory.
 """
 
 import subprocess

@@ -1,4 +1,4 @@
-"""Two local processes x 2 CPU devices joined by jax.distributed (issue 4, item 7).
+"""Two local processes x 2 CPU devices joined by jax.distributed.
 
 The worker (tests/multihost_worker.py) trains a model sharded over all four
 devices; the averages gathered in each process must equal the

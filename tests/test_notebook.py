@@ -17,7 +17,11 @@ def _outputs(cell):
   kinds = []
   for out in cell.get("outputs", []):
     if out["output_type"] == "stream":
-      kinds.append((out["name"], out["text"]))
+      if kinds and kinds[-1][0] == out["name"]:
+        # A stream may arrive in several chunks (timing): one output.
+        kinds[-1] = (out["name"], kinds[-1][1] + out["text"])
+      else:
+        kinds.append((out["name"], out["text"]))
     elif out["output_type"] == "error":
       kinds.append(("error", out["ename"]))
     elif "image/png" in out.get("data", {}):

@@ -1,4 +1,4 @@
-"""moving_average composed with optax's own wrappers (issue 4, item 1).
+"""moving_average composed with optax's own wrappers.
 
 Expected values come from a few lines of NumPy written from the update rule
 ``average <- average - (average - x) * (1 - decay)`` with ``x`` the params
@@ -12,6 +12,8 @@ import optax
 import pytest
 
 import optax_ema
+
+import helpers
 
 LR = 0.5
 GRADS = [
@@ -38,14 +40,6 @@ def _np_sgd_ema(params, grads_seq, lr, decay, scale=None):
   return p, avg
 
 
-def _run(tx, params, grads_seq):
-  state = tx.init(params)
-  for g in grads_seq:
-    updates, state = tx.update(g, state, params)
-    params = optax.apply_updates(params, updates)
-  return params, state
-
-
 def _assert_tree_close(got, want):
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6, atol=1e-7)
@@ -63,7 +57,7 @@ def _clip_np(max_norm):
 def test_outer_wrapper_around_a_chain_matches_numpy():
   inner = optax.chain(optax.clip_by_global_norm(0.3), optax.sgd(LR))
   tx = optax_ema.moving_average(inner, average_decay=0.8)
-  params, state = _run(tx, _params(), GRADS)
+  params, state = helpers.run(tx, _params(), GRADS, jit=False)
   want_p, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.8, scale=_clip_np(0.3))
   _assert_tree_close(params, want_p)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)
@@ -74,7 +68,7 @@ def test_last_element_of_chain_matches_numpy():
     optax.clip_by_global_norm(0.3),
     optax_ema.moving_average(optax.sgd(LR), average_decay=0.8),
   )
-  params, state = _run(tx, _params(), GRADS)
+  params, state = helpers.run(tx, _params(), GRADS, jit=False)
   want_p, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.8, scale=_clip_np(0.3))
   _assert_tree_close(params, want_p)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)
@@ -85,7 +79,7 @@ def test_inside_named_chain_is_found_by_name_and_by_search():
     ("clip", optax.clip(10.0)),
     ("ema", optax_ema.moving_average(optax.sgd(LR), average_decay=0.6)),
   )
-  _, state = _run(tx, _params(), GRADS)
+  _, state = helpers.run(tx, _params(), GRADS, jit=False)
   _, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.6)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)
   _assert_tree_close(optax_ema.averaged_params(state["ema"]), want_avg)
@@ -97,7 +91,7 @@ def test_inject_hyperparams_wraps_moving_average_directly():
   tx = optax.inject_hyperparams(optax_ema.moving_average)(
     optimizer=optax.sgd(LR), average_decay=0.6
   )
-  _, state = _run(tx, _params(), GRADS)
+  _, state = helpers.run(tx, _params(), GRADS, jit=False)
   _, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.6)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)
 
@@ -162,7 +156,7 @@ def test_apply_if_finite_around_leaves_average_untouched_on_nan_step():
     optax_ema.moving_average(optax.sgd(LR), average_decay=0.5),
     max_consecutive_errors=5,
   )
-  params, state = _run(tx, _params(), GRADS[:1])
+  params, state = helpers.run(tx, _params(), GRADS[:1], jit=False)
   before_avg = {k: np.asarray(v) for k, v in optax_ema.averaged_params(state).items()}
   before_count = int(state.inner_state.count)
   updates, state = tx.update(_nan_grads(), state, params)
@@ -180,7 +174,7 @@ def test_apply_if_finite_inside_with_skip_nonfinite_leaves_average_untouched():
     average_decay=0.5,
     skip_nonfinite=True,
   )
-  params, state = _run(tx, _params(), GRADS[:1])
+  params, state = helpers.run(tx, _params(), GRADS[:1], jit=False)
   before_avg = {k: np.asarray(v) for k, v in state.average.items()}
   _updates, state = tx.update(_nan_grads(), state, params)
   _assert_tree_close(state.average, before_avg)
@@ -189,7 +183,7 @@ def test_apply_if_finite_inside_with_skip_nonfinite_leaves_average_untouched():
 
 def test_skip_nonfinite_keeps_previous_average_and_count():
   tx = optax_ema.moving_average(optax.sgd(LR), average_decay=0.5, skip_nonfinite=True)
-  params, state = _run(tx, _params(), GRADS[:1])
+  params, state = helpers.run(tx, _params(), GRADS[:1], jit=False)
   _, want_avg = _np_sgd_ema(_params(), GRADS[:1], LR, 0.5)
   updates, state = tx.update(_nan_grads(), state, params)
   poisoned = optax.apply_updates(params, updates)
@@ -206,7 +200,7 @@ def test_skip_nonfinite_keeps_previous_average_and_count():
 
 def test_without_skip_nonfinite_a_nan_step_poisons_the_average():
   tx = optax_ema.moving_average(optax.sgd(LR), average_decay=0.5)
-  params, state = _run(tx, _params(), GRADS[:1])
+  params, state = helpers.run(tx, _params(), GRADS[:1], jit=False)
   _, state = tx.update(_nan_grads(), state, params)
   assert np.isnan(np.asarray(state.average["a"][0]))
 
@@ -216,7 +210,7 @@ def test_masked_around_moving_average_averages_only_selected_leaves():
     optax_ema.moving_average(optax.sgd(LR), average_decay=0.5),
     {"a": True, "b": False},
   )
-  params, state = _run(tx, _params(), GRADS)
+  params, state = helpers.run(tx, _params(), GRADS, jit=False)
   _want_p, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.5)
   # optax.masked passes the unselected gradients through unchanged.
   want_b = np.asarray(_params()["b"]) + sum(g["b"] for g in GRADS)
@@ -235,7 +229,7 @@ def test_multi_transform_with_moving_average_on_one_partition():
     },
     {"a": "ema", "b": "plain"},
   )
-  params, state = _run(tx, _params(), GRADS)
+  params, state = helpers.run(tx, _params(), GRADS, jit=False)
   want_p, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.5)
   want_b, _ = _np_sgd_ema(
     {"b": _params()["b"]}, [{"b": g["b"]} for g in GRADS], 2 * LR, 0.5

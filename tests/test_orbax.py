@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a MovingAverageState (issue 4, item 4).
+"""Orbax checkpoints of a MovingAverageState.
 
 A run checkpointed with orbax.checkpoint.CheckpointManager and resumed must
 be bit-identical to the uninterrupted run; a checkpoint written before EMA

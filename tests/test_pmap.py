@@ -1,4 +1,4 @@
-"""Data-parallel training with jax.pmap on 8 fake CPU devices (issue 4, item 5).
+"""Data-parallel training with jax.pmap on 8 fake CPU devices.
 
 Gradients are averaged with ``lax.pmean``; every device then holds the same
 average, equal to a single-device run on the whole batch and to a NumPy

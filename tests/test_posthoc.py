@@ -127,7 +127,7 @@ def test_solve_weights_is_finite_for_long_runs_and_sharp_profiles():
   assert np.all(np.isfinite(coef)) and np.isfinite(err) and err < 0.05
 
 
-# --- the four properties of the issue -------------------------------------
+# --- the four properties -------------------------------------
 
 
 def test_power_ema_follows_closed_form_on_the_synthetic_run(run):

@@ -9,6 +9,8 @@ import pytest
 
 import optax_ema
 
+import helpers
+
 
 def _gamma(sigma_rel):
   # Largest real root of the EDM2 cubic, by NumPy (independent of the package).
@@ -26,22 +28,13 @@ def _closed_form(xs, gamma):
   return np.tensordot(w, np.asarray(xs, np.float64), axes=1)
 
 
-def _run(tx, params, grads_seq):
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  history = []
-  for g in grads_seq:
-    updates, state = step(g, state, params)
-    params = optax.apply_updates(params, updates)
-    history.append(params)
-  return params, state, history
-
-
 def test_update_equals_closed_form_power_weights():
   rng = np.random.default_rng(0)
   grads = [{"w": jnp.asarray(rng.normal(size=3), jnp.float32)} for _ in range(40)]
   tx = optax_ema.power_ema(optax.sgd(0.5), sigma_rels=(0.05, 0.10, 0.2))
-  params, state, history = _run(tx, {"w": jnp.zeros(3, jnp.float32)}, grads)
+  params, state, history = helpers.run_recording(
+    tx, {"w": jnp.zeros(3, jnp.float32)}, grads
+  )
   xs = [np.asarray(h["w"]) for h in history]
   for sigma_rel in (0.05, 0.10, 0.2):
     got = optax_ema.averaged_params(state, params, which=sigma_rel)["w"]
@@ -96,7 +89,7 @@ def test_state_holds_sorted_profiles_and_count():
 def test_which_by_value_index_and_key():
   grads = [{"w": jnp.full(2, float(i))} for i in range(5)]
   tx = optax_ema.power_ema(optax.sgd(0.1), sigma_rels=(0.05, 0.10))
-  params, state, _ = _run(tx, {"w": jnp.zeros(2)}, grads)
+  params, state, _ = helpers.run_recording(tx, {"w": jnp.zeros(2)}, grads)
   by_value = optax_ema.averaged_params(state, params, which=0.10)
   chex.assert_trees_all_equal(by_value, optax_ema.averaged_params(state, which=1))
   chex.assert_trees_all_equal(by_value, optax_ema.averaged_params(state, which="0.1"))
@@ -284,11 +277,11 @@ def test_agrees_with_moving_average_on_a_power_decay_schedule():
   g = _gamma(0.10)
   rng = np.random.default_rng(1)
   grads = [jnp.asarray(rng.normal(size=3), jnp.float32) for _ in range(30)]
-  _, power_state, _ = _run(
+  _, power_state, _ = helpers.run_recording(
     optax_ema.power_ema(optax.sgd(0.1), sigma_rels=(0.10,)), jnp.zeros(3), grads
   )
   tx = optax_ema.moving_average(optax.sgd(0.1), lambda c: power_decay(c, g))
-  _, ma_state, _ = _run(tx, jnp.zeros(3), grads)
+  _, ma_state, _ = helpers.run_recording(tx, jnp.zeros(3), grads)
   np.testing.assert_allclose(
     optax_ema.averaged_params(power_state),
     optax_ema.averaged_params(ma_state),

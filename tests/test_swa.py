@@ -1,4 +1,4 @@
-"""optax_ema.swa: stochastic weight averaging with TFA's rule (issue 3, item 3).
+"""optax_ema.swa: stochastic weight averaging with TFA's rule.
 
 Expected values come from TFA's published test numbers and from NumPy written
 from the rule: at step t >= s with (t - s) % P == 0, k = (t - s) // P and

@@ -1,6 +1,6 @@
 """Dtypes of the average, non-float / None / masked / PRNG key leaves.
 
-Issue 2: ``ema_dtype=None`` keeps float32/float64 leaves in their dtype and
+``ema_dtype=None`` keeps float32/float64 leaves in their dtype and
 accumulates float16/bfloat16 leaves in float32; an explicit ``ema_dtype``
 wins; state dtypes never change from step to step; non-float leaves (ints,
 bools, PRNG keys) hold the latest value; ``None`` leaves stay ``None``;
@@ -99,7 +99,7 @@ def test_nearest_rounded_bfloat16_average_with_decay_0999_never_moves():
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_bfloat16_average_sees_params_rounded_as_apply_updates_rounds_them(jit):
-  # Issue 2: the average takes `params + updates` "as optax.apply_updates
+  # The average takes `params + updates` "as optax.apply_updates
   # forms them", i.e. rounded to bfloat16. 1 - 2 * bf16(0.1) = 0.7998046875
   # is a tie in bfloat16 that rounds to 0.80078125.
   params = {"w": jnp.ones(2, jnp.bfloat16)}

@@ -1,4 +1,4 @@
-"""Every bad input of issue 2: the exception type, and a message naming it.
+"""Every bad input: the exception type, and a message naming the argument.
 
 Errors are raised at construction (``moving_average(...)``) or at trace time
 (``update``), never from inside a tree map.

@@ -14,6 +14,8 @@ import pytest
 import optax_ema
 from optax_ema import schedules
 
+import helpers
+
 LR = 0.3
 
 
@@ -49,15 +51,6 @@ def _np_debiased(params, grads, decay_at, start_step=0):
   return {k: a[k] / w for k in a}, w
 
 
-def _run(tx, params, grads):
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  for g in grads:
-    updates, state = step(g, state, params)
-    params = optax.apply_updates(params, updates)
-  return params, state
-
-
 def _assert_tree_close(got, want, rtol=2e-5, atol=1e-6):
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=rtol, atol=atol)
@@ -78,7 +71,7 @@ def _assert_tree_close(got, want, rtol=2e-5, atol=1e-6):
 def test_debias_matches_numpy_reference(decay, decay_at):
   grads = _grads(25)
   tx = optax_ema.moving_average(optax.sgd(LR), decay, debias=True)
-  _, state = _run(tx, _params(), grads)
+  _, state = helpers.run(tx, _params(), grads)
   want, w = _np_debiased(_params(), grads, decay_at)
   _assert_tree_close(optax_ema.averaged_params(state), want)
   assert isinstance(state.average, optax_ema.DebiasedAverage)
@@ -88,7 +81,7 @@ def test_debias_matches_numpy_reference(decay, decay_at):
 def test_debias_with_start_step_matches_numpy():
   grads = _grads(12, seed=1)
   tx = optax_ema.moving_average(optax.sgd(LR), 0.8, debias=True, start_step=4)
-  _, state = _run(tx, _params(), grads)
+  _, state = helpers.run(tx, _params(), grads)
   want, _ = _np_debiased(_params(), grads, lambda t: 0.8, start_step=4)
   _assert_tree_close(optax_ema.averaged_params(state), want)
 
@@ -182,7 +175,7 @@ def test_per_leaf_debias_matches_numpy_with_one_weight_per_leaf():
   tx = optax_ema.moving_average(
     optax.sgd(LR), schedules.per_leaf({"m": 0.95, "v": 0.6}), debias=True
   )
-  _, state = _run(tx, _params(), grads)
+  _, state = helpers.run(tx, _params(), grads)
   want_m, w_m = _np_debiased(_params(), grads, lambda t: 0.95)
   want_v, w_v = _np_debiased(_params(), grads, lambda t: 0.6)
   got = optax_ema.averaged_params(state)

@@ -15,6 +15,8 @@ import pytest
 
 import optax_ema
 
+import helpers
+
 LR = 0.2
 
 
@@ -44,13 +46,12 @@ def _np_reference(params, grads, k, decay_at, start_step=0):
 
 
 def _run(tx, params, grads, which=None):
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  history = []
-  for g in grads:
-    updates, state = step(g, state, params)
-    params = optax.apply_updates(params, updates)
-    history.append(np.asarray(optax_ema.averaged_params(state, which=which)["w"]))
+  """(the average of "w" after each step, the final state)."""
+
+  def record(params, state, updates):
+    return np.asarray(optax_ema.averaged_params(state, which=which)["w"])
+
+  _, state, history = helpers.run_recording(tx, params, grads, record)
   return history, state
 
 
@@ -110,21 +111,6 @@ def test_skipped_steps_leave_the_average_bit_identical():
   assert int(state.count) == 6
 
 
-def _computations(hlo_text):
-  """Computation name -> its body lines, from an HLO module's text."""
-  out, name = {}, None
-  for line in hlo_text.splitlines():
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
-    if header:
-      name = header.group(1)
-      out[name] = []
-    elif line.startswith("}"):
-      name = None
-    elif name is not None:
-      out[name].append(line.strip())
-  return out
-
-
 def test_skipped_steps_touch_no_average_memory_in_the_compiled_step():
   tx = optax_ema.moving_average(optax.sgd(0.1), 0.99, update_every=4)
   params = {"w": jnp.ones((64, 32))}
@@ -136,7 +122,7 @@ def test_skipped_steps_touch_no_average_memory_in_the_compiled_step():
 
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
   text = compiled.as_text()
-  comps = _computations(text)
+  comps = helpers.computations(text)
   conds = [line for body in comps.values() for line in body if " conditional(" in line]
   assert len(conds) == 1, conds
   branches = re.search(r"branch_computations=\{%?([\w.\-]+), %?([\w.\-]+)\}", conds[0])

@@ -1,4 +1,4 @@
-"""Optimizers by name and Keras keyword arguments (issue 3, items 1 and 2).
+"""Optimizers by name and Keras keyword arguments.
 
 Expected values come from NumPy written from the update rules (SGD, Adam,
 RMSprop, Keras's clipping and inverse-time decay), not from the code under
@@ -12,6 +12,8 @@ import optax
 import pytest
 
 import optax_ema
+
+import helpers
 
 # Keras's documented default learning rates (tf.keras 2.x / Keras 3).
 KERAS_DEFAULTS = {
@@ -28,6 +30,14 @@ KERAS_DEFAULTS = {
 }
 
 
+def _run(tx, grads_list, params):
+  """(the updates of each step, the final state)."""
+  _, state, updates = helpers.run_recording(
+    tx, params, grads_list, lambda params, state, updates: updates
+  )
+  return updates, state
+
+
 def _hyperparams(state):
   """The inject_hyperparams dict inside a state (found by field, not by path)."""
   found = []
@@ -42,17 +52,6 @@ def _hyperparams(state):
   walk(state)
   assert len(found) == 1
   return found[0]
-
-
-def _run(tx, grads_list, params):
-  state = tx.init(params)
-  update = jax.jit(tx.update)
-  out = []
-  for g in grads_list:
-    updates, state = update(g, state, params)
-    params = optax.apply_updates(params, updates)
-    out.append(updates)
-  return out, state
 
 
 def test_name_builds_adam_with_learning_rate_in_state():

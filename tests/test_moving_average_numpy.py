@@ -1,6 +1,6 @@
 """50-step random trees against a NumPy restatement of TFA's MovingAverage.
 
-The reference below is written from the semantics in issue 2 (TFA's rules):
+The reference below is written from TFA's documented rules:
 with ``t`` the count before the step, the decay is computed in float32 as
 
 - ``D = min(average_decay, (1 + n) / (10 + n))`` with ``num_updates=n``, else

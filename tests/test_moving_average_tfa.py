@@ -2,7 +2,7 @@
 
 Setup of the upstream tests: var0 = [1, 2], var1 = [3, 4], gradients
 [0.1, 0.1] and [0.01, 0.01], plain SGD. The expected values are TFA's
-published ones (issue 2); the one-step values in between follow from
+published ones; the one-step values in between follow from
 ``avg - (avg - x) * (1 - decay)`` by hand.
 """
 
