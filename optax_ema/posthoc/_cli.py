@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
       _list(snaps)
       return 0
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(args.out).resolve()
     if out.exists():
       raise ValueError(f"`--out` {str(out)!r} exists already: choose a new path.")
     weights = _solver.select_weights(snaps, args.sigma_rel, args.step)

@@ -1,9 +1,9 @@
 """Streaming reconstruction: the weighted sum of stored profiles, one at a time.
 
-Each stored profile is read once, directly into the target sharding (or into
-NumPy on the host), added to an accumulator with its coefficient and
-dropped, so memory holds the accumulator plus one profile in the storage
-dtype, whatever the number of snapshots. Accumulation is in float32 (in the
+Each stored profile is read once, in chunks of leaves, directly into the
+target sharding (or into NumPy on the host), added to an accumulator with its
+coefficient and dropped, so memory holds the accumulator plus one chunk in the
+storage dtype, whatever the number of snapshots. Accumulation is in float32 (in the
 storage dtype promoted to float32), enough for float16 storage: see the
 post-hoc guide for the error against float64.
 """
@@ -39,25 +39,58 @@ def _acc_dtype(dtype: Any) -> np.dtype:
   return np.promote_types(dtype, np.float32)
 
 
+# The most bytes (in the storage dtype) restored at once: each profile is read
+# in chunks of leaves of about this size, so memory holds the accumulator and
+# one chunk (a leaf larger than this is a chunk of its own).
+CHUNK_BYTES = 64 * 2**20
+_BLOCK = 2**20  # elements per step of the host accumulation (4 MiB scratch)
+
+
+def chunks(specs: dict[Key, Any]) -> list[list[Key]]:
+  """The leaf keys of ``specs``, grouped into restores of ~CHUNK_BYTES."""
+  out: list[list[Key]] = [[]]
+  size = 0
+  for k, v in specs.items():
+    nbytes = int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+    if out[-1] and size + nbytes > CHUNK_BYTES:
+      out.append([])
+      size = 0
+    out[-1].append(k)
+    size += nbytes
+  return [c for c in out if c]
+
+
+def _add_scaled(acc: np.ndarray, x: np.ndarray, c: float, scratch: np.ndarray) -> None:
+  """``acc += c * x`` in ``acc``'s dtype, in blocks: no array-sized temporaries."""
+  a, b = acc.reshape(-1), np.asarray(x).reshape(-1)
+  coefficient = acc.dtype.type(c)
+  for start in range(0, a.size, _BLOCK):
+    stop = min(start + _BLOCK, a.size)
+    term = scratch[: stop - start]
+    np.multiply(b[start:stop], coefficient, out=term, dtype=acc.dtype)
+    np.add(a[start:stop], term, out=a[start:stop])
+
+
 def _host(
   snaps: Sequence[_snapshots.Snapshot], weights: _solver.ReconstructionWeights
 ) -> Any:
   """NumPy result with the stored structure (nested dicts and lists)."""
   rows = _solver.rows(snaps, weights.step)
-  averaged, latest = _split(rows[-1][0])
+  last = rows[-1][0]
+  averaged, latest = _split(last)
   as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
   acc = {k: np.zeros(v.shape, _acc_dtype(v.dtype)) for k, v in averaged.items()}
+  scratch = {
+    dtype: np.empty(_BLOCK, dtype) for dtype in {a.dtype for a in acc.values()}
+  }
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
     for (snap, j), c in zip(rows, weights.coefficients, strict=True):
-      if not acc:
-        break
-      values = _snapshots.restore_profile(
-        checkpointer, snap, j, dict.fromkeys(averaged, as_numpy)
-      )
-      for k, x in values.items():
-        acc[k] += np.asarray(x).astype(acc[k].dtype) * acc[k].dtype.type(c)
-      del values
-    last = rows[-1][0]
+      for keys in chunks(averaged):
+        values = _snapshots.restore_profile(
+          checkpointer, snap, j, dict.fromkeys(keys, as_numpy)
+        )
+        for k in keys:
+          _add_scaled(acc[k], values.pop(k), float(c), scratch[acc[k].dtype])
     if latest:
       acc.update(
         _snapshots.restore_profile(
@@ -170,12 +203,14 @@ def _sharded(
   out = list(leaves)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
     acc = _zeros(acc_specs)
+    groups = chunks({k: stored[k] for k in averaged})
     for (snap, j), c in zip(rows, weights.coefficients, strict=True):
-      if not acc:
-        break
-      x = _snapshots.restore_profile(checkpointer, snap, j, restore)
-      acc = _axpy(acc, x, float(c))
-      del x
+      for keys in groups:
+        x = _snapshots.restore_profile(
+          checkpointer, snap, j, {k: restore[k] for k in keys}
+        )
+        acc |= _axpy({k: acc.pop(k) for k in keys}, x, float(c))
+        del x
     if latest:
       values = _snapshots.restore_profile(
         checkpointer,

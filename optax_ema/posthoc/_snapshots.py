@@ -9,6 +9,7 @@ each profile a tree like the parameters) and ``power_ema_meta`` (JSON). See
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pathlib
@@ -93,8 +94,21 @@ def wait_for_writers(directory: pathlib.Path | None = None) -> None:
 
 
 def _read(step_dir: pathlib.Path) -> Snapshot:
+  # A committed step never changes: read each once per process (Orbax's
+  # metadata reader holds on to memory at every call).
+  stat = (step_dir / META_ITEM).stat()
+  return _read_once(step_dir.resolve(), stat.st_ino, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_once(step_dir: pathlib.Path, inode: int, mtime_ns: int) -> Snapshot:
+  del inode, mtime_ns  # the cache key: a rewritten step is read again
   meta = ocp.JsonCheckpointHandler().restore(step_dir / META_ITEM)
-  if not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
+  if (
+    not isinstance(meta, Mapping)
+    or meta.get("format") != FORMAT
+    or not (step_dir / ITEM).is_dir()
+  ):
     raise ValueError(
       f"{str(step_dir)!r} is not an optax_ema.posthoc snapshot (format {FORMAT!r})."
     )
@@ -141,9 +155,10 @@ def _step_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
 
 def _from_directory(directory: PathLike) -> list[Snapshot]:
   path = pathlib.Path(directory)
+  wait_for_writers(path)
+  wait_for_writers(path.parent)  # ``path`` may be one step of a directory
   if not path.is_dir():
     raise ValueError(f"The snapshot directory {str(path)!r} does not exist.")
-  wait_for_writers(path)
   found = [_read(p) for p in _step_dirs(path)]
   if not found:
     raise ValueError(
