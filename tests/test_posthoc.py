@@ -18,6 +18,7 @@ import pytest
 
 import optax_ema
 from optax_ema import posthoc
+from optax_ema.posthoc import _reconstruct
 
 T = 1000  # steps of the synthetic runs
 EVERY = 50  # snapshot interval
@@ -258,3 +259,27 @@ def test_repeated_profile_is_an_error():
   g = ref_gamma(0.05)
   with pytest.raises(ValueError, match="linearly dependent"):
     posthoc.solve_weights([10, 10], [g, g], 10, g)
+
+
+def test_profiles_read_in_chunks_give_the_same_result(tmp_path, monkeypatch):
+  tx = optax_ema.power_ema(optax.sgd(0.1), sigma_rels=(0.05, 0.10))
+  params = {"a": jnp.zeros(6), "b": jnp.zeros(2)}
+  state = tx.init(params)
+  with posthoc.SnapshotWriter(tmp_path, every=10) as writer:
+    for t in range(1, 31):
+      grads = {"a": -jnp.arange(6.0) * np.sin(t), "b": -jnp.ones(2)}
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+      writer(state, t)
+  like = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()}
+  whole = posthoc.reconstruct(tmp_path, 0.07)
+  whole_device = posthoc.reconstruct(tmp_path, 0.07, like=like)
+  monkeypatch.setattr(_reconstruct, "CHUNK_BYTES", 8)  # one leaf per restore
+  monkeypatch.setattr(_reconstruct, "_BLOCK", 4)  # host sums in blocks of 4
+  specs = {("a",): jax.ShapeDtypeStruct((6,), np.float16), ("b",): like["b"]}
+  assert _reconstruct.chunks(specs) == [[("a",)], [("b",)]]
+  for k in ("a", "b"):
+    np.testing.assert_array_equal(posthoc.reconstruct(tmp_path, 0.07)[k], whole[k])
+    np.testing.assert_array_equal(
+      posthoc.reconstruct(tmp_path, 0.07, like=like)[k], whole_device[k]
+    )

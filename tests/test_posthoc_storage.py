@@ -79,7 +79,7 @@ def _held_commits(monkeypatch):
 
 
 def test_a_snapshot_is_a_committed_orbax_step_with_two_items(tmp_path):
-  params, state = _climb({"a": {"w": jnp.zeros((2, 3))}, "b": [jnp.zeros(4)]}, 10)
+  _params, state = _climb({"a": {"w": jnp.zeros((2, 3))}, "b": [jnp.zeros(4)]}, 10)
   path = posthoc.save_snapshot(tmp_path, state)
   posthoc.wait_until_finished()
   assert path == tmp_path / "10" and sorted(p.name for p in tmp_path.iterdir()) == [
@@ -107,7 +107,9 @@ def test_a_snapshot_is_a_committed_orbax_step_with_two_items(tmp_path):
 
 def test_non_float_leaves_are_stored_and_keys_and_masked_leaves_are_not(tmp_path):
   params = {"w": jnp.zeros(3), "i": jnp.arange(2), "k": jax.random.key(0), "n": None}
-  tx = optax_ema.power_ema(optax.identity(), mask={"w": True, "i": True, "k": True, "n": True})
+  tx = optax_ema.power_ema(
+    optax.identity(), mask={"w": True, "i": True, "k": True, "n": True}
+  )
   state = tx.init(params)
   posthoc.save_snapshot(tmp_path, state)
   (snap,) = posthoc.load_snapshots(tmp_path)
@@ -197,7 +199,9 @@ def _wait_for_line(proc, line, timeout):
     try:
       got = lines.get(timeout=timeout)
     except queue.Empty:
-      raise AssertionError(f"the writer did not print {line!r} in {timeout} s") from None
+      raise AssertionError(
+        f"the writer did not print {line!r} in {timeout} s"
+      ) from None
     if got == line:
       return
 
@@ -234,7 +238,7 @@ def test_a_writer_killed_mid_write_leaves_a_readable_directory(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "20", "30"]
 
 
-# --- shardings -------------------------------------------------------------------------
+# --- shardings ------------------------------------------------------------------
 
 
 def _mesh():
@@ -269,7 +273,7 @@ def _sharded_run(directory, mesh):
 
 def test_sharded_round_trip_on_eight_devices(tmp_path):
   mesh = _mesh()
-  params, state = _sharded_run(tmp_path / "sharded", mesh)
+  _params, state = _sharded_run(tmp_path / "sharded", mesh)
   assert state.averages["0.1"]["w"].sharding.spec == P("data", "model")
   like = {
     "w": jax.ShapeDtypeStruct(
@@ -299,9 +303,7 @@ def test_offloaded_profiles_are_cast_where_they_live(tmp_path):
   host = NamedSharding(mesh, P("data", "model"), memory_kind="pinned_host")
   _, state = _climb({"w": jnp.zeros((8, 8))}, 6)
   state = state._replace(
-    averages={
-      k: {"w": jax.device_put(v["w"], host)} for k, v in state.averages.items()
-    }
+    averages={k: {"w": jax.device_put(v["w"], host)} for k, v in state.averages.items()}
   )
   assert state.averages["0.05"]["w"].sharding.memory_kind == "pinned_host"
   _, tree, _ = _items.storage_tree(state, np.float16, "test")
@@ -326,7 +328,10 @@ def _masked_run(directory):
   for _ in range(8):
     grads = {"w": -jnp.ones(3), "frozen": jnp.zeros(2), "k": params["k"]}
     updates, state = tx.update(grads, state, params)
-    params = {"w": params["w"] + updates["w"], **{k: params[k] for k in ("frozen", "k")}}
+    params = {
+      "w": params["w"] + updates["w"],
+      **{k: params[k] for k in ("frozen", "k")},
+    }
   posthoc.save_snapshot(directory, state)
   return params
 
@@ -413,7 +418,7 @@ def test_steps_must_increase(tmp_path):
 
 def test_one_open_writer_per_directory(tmp_path):
   _, state = _climb({"w": jnp.zeros(2)}, 3)
-  with posthoc.SnapshotWriter(tmp_path) as writer:
+  with posthoc.SnapshotWriter(tmp_path):
     with pytest.raises(ValueError, match="already has an open SnapshotWriter"):
       posthoc.SnapshotWriter(tmp_path)
     path = posthoc.save_snapshot(tmp_path, state)  # goes through `writer`
