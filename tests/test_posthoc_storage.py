@@ -487,3 +487,56 @@ def test_a_step_directory_is_read_as_one_snapshot(tmp_path):
   _, state = _climb({"w": jnp.zeros(2)}, 3)
   path = posthoc.save_snapshot(tmp_path, state)
   assert [s.path for s in posthoc.load_snapshots(path)] == [pathlib.Path(path)]
+
+
+def test_float64_storage_without_x64_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match=r"`dtype=float64` needs 64-bit JAX arrays"):
+    posthoc.SnapshotWriter(tmp_path, dtype=np.float64)
+
+
+def test_an_old_orbax_is_refused_naming_the_install(monkeypatch):
+  from optax_ema.posthoc import _orbax
+
+  monkeypatch.setattr(ocp, "__version__", "0.11.9")
+  _orbax.load.cache_clear()
+  try:
+    with pytest.raises(ImportError, match=r"orbax-checkpoint>=0\.12.*found 0\.11\.9"):
+      _orbax.load()
+  finally:
+    monkeypatch.undo()
+    _orbax.load.cache_clear()
+  assert _orbax.load() is ocp
+
+
+_WITHOUT_ORBAX = r"""
+import sys
+
+class NoOrbax:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] == "orbax":
+      raise ImportError("orbax is not installed")
+
+sys.meta_path.insert(0, NoOrbax())
+import optax_ema  # the package imports without orbax
+from optax_ema import posthoc
+try:
+  posthoc.load_snapshots(sys.argv[1])
+except ImportError as err:
+  print(err)
+"""
+
+
+def test_without_orbax_the_package_imports_and_posthoc_says_what_to_install(
+  tmp_path,
+):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  proc = subprocess.run(
+    [sys.executable, "-c", _WITHOUT_ORBAX, str(tmp_path)],
+    env=env | {"JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    check=False,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "needs orbax-checkpoint>=0.12" in proc.stdout

@@ -31,6 +31,11 @@ def check_storage_dtype(dtype: Any) -> np.dtype:
     raise TypeError(f"`dtype` must be a floating point dtype, got {dtype!r}.") from None
   if not np.issubdtype(out, np.floating):
     raise ValueError(f"`dtype` must be a floating point dtype, got {out.name}.")
+  if jax.dtypes.canonicalize_dtype(out) != out:
+    raise ValueError(
+      f"`dtype={out.name}` needs 64-bit JAX arrays: enable them with "
+      "`jax.config.update('jax_enable_x64', True)`, or store float32."
+    )
   return out
 
 

@@ -10,6 +10,7 @@ post-hoc guide for the error against float64.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from collections.abc import Sequence
@@ -176,12 +177,7 @@ _axpy = jax.jit(_axpy_impl, donate_argnums=0)
 
 
 def _zeros(specs: dict[Key, jax.ShapeDtypeStruct]) -> dict[Key, jax.Array]:
-  shardings = {k: s.sharding for k, s in specs.items()}
-
-  def make() -> dict[Key, jax.Array]:
-    return {k: jnp.zeros(s.shape, s.dtype) for k, s in specs.items()}
-
-  return jax.jit(make, out_shardings=shardings)()
+  return {k: jnp.zeros(s.shape, s.dtype, device=s.sharding) for k, s in specs.items()}
 
 
 def _sharded(
@@ -230,10 +226,15 @@ def _sharded(
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _cast(x: jax.Array, dtype: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+@functools.lru_cache(maxsize=64)
+def _caster(dtype: np.dtype, sharding: jax.sharding.Sharding) -> Any:
+  return jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)
+
+
+def _cast(x: jax.Array, dtype: np.dtype, sharding: jax.sharding.Sharding) -> jax.Array:
   if x.dtype == dtype:
     return x
-  y = jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(x)
+  y = _caster(dtype, sharding)(x)
   x.delete()
   return y
 

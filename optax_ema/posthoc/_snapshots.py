@@ -125,10 +125,13 @@ def _read_once(step_dir: pathlib.Path, inode: int, mtime_ns: int) -> Snapshot:
         f"and {key!r}): the snapshot is corrupt."
       )
   sigma_rels = np.array(meta["sigma_rels"], np.float64)
+  gammas = np.array([_power_math.sigma_rel_to_gamma(float(s)) for s in sigma_rels])
+  for array in (sigma_rels, gammas):  # shared by every caller: read-only
+    array.flags.writeable = False
   return Snapshot(
     step=int(meta["step"]),
     sigma_rels=sigma_rels,
-    gammas=np.array([_power_math.sigma_rel_to_gamma(float(s)) for s in sigma_rels]),
+    gammas=gammas,
     keys=keys,
     dtype=str(meta["dtype"]),
     tree=specs[0],

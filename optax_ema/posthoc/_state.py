@@ -13,8 +13,6 @@ from typing import Any
 import jax
 
 from optax_ema._power import PowerEmaState
-from optax_ema._power import sigma_rel_key
-from optax_ema._tree_utils import is_float
 from optax_ema._tree_utils import is_key
 from optax_ema._tree_utils import is_none
 from optax_ema._tree_utils import is_none_or_masked
@@ -23,12 +21,10 @@ from optax_ema._tree_utils import keystr
 __all__ = [
   "PowerEmaState",
   "find_power_state",
-  "is_float",
   "is_key",
   "is_none",
   "is_none_or_masked",
   "keystr",
-  "sigma_rel_key",
 ]
 
 
