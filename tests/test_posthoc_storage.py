@@ -540,3 +540,22 @@ def test_without_orbax_the_package_imports_and_posthoc_says_what_to_install(
   )
   assert proc.returncode == 0, proc.stderr
   assert "needs orbax-checkpoint>=0.12" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_training_may_donate_the_state_while_snapshots_are_written(tmp_path, dtype):
+  tx = optax_ema.power_ema(optax.sgd(1.0))
+
+  def train(params, state):
+    updates, state = tx.update({"w": -jnp.ones_like(params["w"])}, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(train, donate_argnums=(0, 1))
+  params = {"w": jnp.zeros((64, 64))}
+  state = tx.init(params)
+  with posthoc.SnapshotWriter(tmp_path, every=1, dtype=dtype) as writer:
+    for t in range(1, 6):
+      params, state = step(params, state)
+      writer(state, t)  # the next step donates the buffers just saved
+  got = posthoc.reconstruct(tmp_path, 0.10)
+  np.testing.assert_allclose(got["w"], _power_average_of_steps(5, 0.10), rtol=1e-3)
