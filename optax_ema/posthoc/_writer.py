@@ -1,0 +1,255 @@
+"""Saving snapshots during training: asynchronous, atomic Orbax checkpoint steps.
+
+A :class:`SnapshotWriter` owns an ``orbax.checkpoint.CheckpointManager`` on
+its directory. Each save casts the profiles where they live, lets Orbax copy
+them to the host, and returns while Orbax writes in the background (every
+process its own shards) and commits the step by an atomic rename. One writer
+per directory and process; reads of that directory in the same process wait
+for its pending writes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from optax_ema.posthoc import _items
+from optax_ema.posthoc import _snapshots
+from optax_ema.posthoc._orbax import ocp
+
+
+def _check_every(every: Any) -> int | None:
+  if every is None:
+    return None
+  if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+    raise ValueError(f"`every` must be None or a positive int, got {every!r}.")
+  return int(every)
+
+
+class SnapshotWriter:
+  """Saves power-EMA snapshots to an Orbax checkpoint directory, asynchronously.
+
+  Each :meth:`save` writes the profiles of the power-EMA state, cast to
+  ``dtype`` where they live (device, or host memory when offloaded), as the
+  Orbax checkpoint step ``PowerEmaState.count`` of ``directory``. It returns
+  once the arrays are copied to the host; Orbax writes them in the background
+  (each process its own shards: it works multi-host, with every process
+  calling it) and commits the step atomically, so an interrupted write never
+  yields a snapshot that :func:`load_snapshots` would read. Leave the
+  ``with`` block, or call :meth:`close` / :meth:`wait_until_finished`, to wait
+  for the last write; reads of ``directory`` in this process wait for it too.
+
+  Args:
+    directory: the snapshot directory (created if needed). It belongs to the
+      writer: temporary directories left there by interrupted writes are
+      removed when it opens.
+    every: for ``writer(state, step)``: save when ``step % every == 0``.
+      ``None`` (default) saves only through :meth:`save`.
+    dtype: storage dtype of the averaged leaves (float16 by default, as EDM2).
+
+  Raises:
+    ValueError: bad ``every`` or ``dtype``; another open writer of this
+      process already writes to ``directory``.
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import posthoc
+    >>> params = {"w": jnp.zeros(3)}
+    >>> tx = optax_ema.power_ema(optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   with posthoc.SnapshotWriter(d, every=5) as writer:
+    ...     for step in range(1, 11):
+    ...       updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+    ...       params = optax.apply_updates(params, updates)
+    ...       _ = writer(state, step)
+    ...   print([s.step for s in posthoc.load_snapshots(d)])
+    [5, 10]
+  """
+
+  def __init__(
+    self,
+    directory: str | os.PathLike[str],
+    every: int | None = None,
+    *,
+    dtype: Any = np.float16,
+  ) -> None:
+    self.every = _check_every(every)
+    self.dtype = _items.check_storage_dtype(dtype)
+    self.directory = pathlib.Path(directory).resolve()
+    self._implicit = False
+    previous = _snapshots.OPEN_WRITERS.get(self.directory)
+    if isinstance(previous, SnapshotWriter) and previous._implicit:
+      previous.close()
+    elif previous is not None:
+      raise ValueError(
+        f"{str(self.directory)!r} already has an open SnapshotWriter in this "
+        "process: save through it, or close it first."
+      )
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=None,
+      enable_async_checkpointing=True,
+      cleanup_tmp_directories=True,
+      create=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._last = max(self._manager.all_steps(), default=None)
+    _snapshots.OPEN_WRITERS[self.directory] = self
+
+  def _save(self, opt_state: Any, dtype: Any, caller: str) -> int:
+    if self._manager is None:
+      raise ValueError(f"This SnapshotWriter of {str(self.directory)!r} is closed.")
+    step, tree, meta = _items.storage_tree(opt_state, dtype, caller)
+    if self._last is not None and step <= self._last:
+      raise ValueError(
+        f"{str(self.directory)!r} already holds a snapshot at step {self._last} "
+        f"and cannot take one at step {step} (steps must increase): snapshots "
+        "from a run that was resumed from an earlier checkpoint belong to "
+        "another trajectory; delete them, or save to a new directory."
+      )
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        **{
+          _snapshots.ITEM: ocp.args.PyTreeSave(tree),
+          _snapshots.META_ITEM: ocp.args.JsonSave(meta),
+        }
+      ),
+      force=True,
+    )
+    self._last = step
+    return step
+
+  def save(self, opt_state: Any) -> int:
+    """Saves a snapshot of the power-EMA state inside ``opt_state`` now.
+
+    Args:
+      opt_state: an optimizer state holding one :class:`optax_ema.PowerEmaState`.
+
+    Returns:
+      The step saved (``PowerEmaState.count``); it is committed later.
+
+    Raises:
+      ValueError: no power-EMA state; a stored average is not finite in the
+        storage dtype (e.g. float16 overflow); the step is not after the
+        directory's latest snapshot.
+    """
+    return self._save(opt_state, self.dtype, "SnapshotWriter.save")
+
+  def __call__(self, opt_state: Any, step: int) -> bool:
+    """Saves when ``step`` (a Python int) is a multiple of ``every``.
+
+    Returns:
+      Whether a snapshot was saved.
+    """
+    if self.every is None:
+      raise ValueError(
+        "This SnapshotWriter has `every=None`: create it with `every=N` to call "
+        "it as `writer(state, step)`, or call `writer.save(state)`."
+      )
+    if int(step) % self.every != 0:
+      return False
+    self.save(opt_state)
+    return True
+
+  def wait_until_finished(self) -> None:
+    """Waits until every snapshot saved so far is committed."""
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the pending writes and releases the directory."""
+    manager, self._manager = self._manager, None
+    if _snapshots.OPEN_WRITERS.get(self.directory) is self:
+      del _snapshots.OPEN_WRITERS[self.directory]
+    if manager is not None:
+      manager.close()
+
+  def __enter__(self) -> SnapshotWriter:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
+def save_snapshot(
+  directory: str | os.PathLike[str], opt_state: Any, *, dtype: Any = np.float16
+) -> pathlib.Path:
+  """Saves a snapshot of the power-EMA profiles to ``directory``, asynchronously.
+
+  The function form of :meth:`SnapshotWriter.save`: it uses this process's
+  open writer of ``directory``, opening one on first use. It returns before
+  the write commits; :func:`wait_until_finished` waits for it, and so do
+  :func:`load_snapshots` and :func:`reconstruct` on the same directory (and
+  the end of the process).
+
+  Args:
+    directory: the snapshot directory (created if needed).
+    opt_state: an optimizer state holding one :class:`optax_ema.PowerEmaState`.
+    dtype: storage dtype of the averaged leaves (float16 by default).
+
+  Returns:
+    The Orbax step directory the snapshot is committed to,
+    ``directory / str(count)``.
+
+  Raises:
+    ValueError: as for :meth:`SnapshotWriter.save`.
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import posthoc
+    >>> tx = optax_ema.power_ema(optax.sgd(0.1))
+    >>> state = tx.init({"w": jnp.ones(3)})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   path = posthoc.save_snapshot(d, state)
+    ...   posthoc.wait_until_finished(d)
+    ...   print(path.name, path.is_dir())
+    0 True
+  """
+  path = pathlib.Path(directory).resolve()
+  writer = _snapshots.OPEN_WRITERS.get(path)
+  if not isinstance(writer, SnapshotWriter):
+    writer = SnapshotWriter(path, dtype=dtype)
+    writer._implicit = True
+  step = writer._save(opt_state, dtype, "save_snapshot")
+  return path / str(step)
+
+
+def wait_until_finished(directory: str | os.PathLike[str] | None = None) -> None:
+  """Waits until this process's pending snapshot writes are committed.
+
+  Args:
+    directory: wait for the writes to this directory only (default: all).
+
+  Examples:
+    >>> import tempfile
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> from optax_ema import posthoc
+    >>> tx = optax_ema.power_ema(optax.sgd(0.1))
+    >>> state = tx.init({"w": jnp.ones(3)})
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   path = posthoc.save_snapshot(d, state)
+    ...   posthoc.wait_until_finished()
+    ...   print(sorted(p.name for p in path.iterdir()))
+    ['_CHECKPOINT_METADATA', 'commit_success.txt', 'power_ema', 'power_ema_meta']
+  """
+  _snapshots.wait_for_writers(None if directory is None else pathlib.Path(directory))
+
+
+@atexit.register
+def _close_all() -> None:
+  for writer in list(_snapshots.OPEN_WRITERS.values()):
+    if isinstance(writer, SnapshotWriter):
+      writer.close()
