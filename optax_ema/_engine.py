@@ -30,6 +30,7 @@ from optax_ema import _offload
 from optax_ema import _rounding
 from optax_ema import _rules
 from optax_ema import _tree_utils
+from optax_ema import _values
 
 
 class Slot(NamedTuple):
@@ -56,84 +57,6 @@ class EngineState(NamedTuple):
   slots: list[SlotState]
   counted: jax.Array  # int32: the updates applied so far (the state's count)
   step_sizes: list[jax.Array]  # per average: the last step's per-step weight
-
-
-def default_ema_dtype(leaf_dtype: Any, ema_dtype: Any) -> Any:
-  """The accumulator dtype of a floating point leaf.
-
-  float16 and bfloat16 leaves accumulate in float32 unless ``ema_dtype`` says
-  otherwise; other real floats keep their dtype; complex leaves always keep
-  theirs (an explicit real ``ema_dtype`` would drop the imaginary part).
-  """
-  leaf_dtype = jnp.dtype(leaf_dtype)
-  if jnp.issubdtype(leaf_dtype, jnp.complexfloating):
-    return leaf_dtype
-  if ema_dtype is not None:
-    return jnp.dtype(ema_dtype)
-  if leaf_dtype.itemsize < 4:
-    return jnp.dtype(jnp.float32)
-  return leaf_dtype
-
-
-def upcast_value(value: Any, compute: Any) -> jax.Array:
-  """``value`` in the ``compute`` dtype, holding exactly its own dtype's values.
-
-  A float16/bfloat16 ``value`` (e.g. ``params + updates`` as
-  ``optax.apply_updates`` rounds it) is re-rounded to its own grid after the
-  upcast with ``lax.reduce_precision``: under ``jit`` XLA may otherwise fuse
-  the low-precision arithmetic into float32 and skip the rounding (excess
-  precision), and the average would see values training never held.
-  """
-  value = jnp.asarray(value)
-  out = value.astype(compute)
-  if (
-    jnp.issubdtype(value.dtype, jnp.floating)
-    and jnp.issubdtype(jnp.dtype(compute), jnp.floating)
-    and jnp.finfo(value.dtype).bits < jnp.finfo(compute).bits
-  ):
-    info = jnp.finfo(value.dtype)
-    out = jax.lax.reduce_precision(
-      out, exponent_bits=info.nexp, mantissa_bits=info.nmant
-    )
-  return out
-
-
-def _latest_value(p: Any, u: Any) -> Any:
-  """What ``optax.apply_updates`` makes of one leaf; keys and float0 stay put."""
-  if u is None or _tree_utils.is_key(p):
-    return p
-  if getattr(u, "dtype", None) == jax.dtypes.float0:
-    return p
-  return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
-
-
-def latest_values(reference: Any, params: Any, updates: Any, sequential: bool) -> Any:
-  """The values the averages move towards, leaf by leaf (``None`` where unused).
-
-  ``params + updates`` as ``optax.apply_updates`` forms them (``sequential``)
-  or ``params``; ``None`` where ``reference`` holds no average.
-  """
-
-  def leaf(a: Any, p: Any, u: Any) -> Any:
-    if _tree_utils.is_none_or_masked(a):
-      return None
-    return _latest_value(p, u) if sequential else p
-
-  return jax.tree.map(
-    leaf, reference, params, updates, is_leaf=_tree_utils.is_none_or_masked
-  )
-
-
-def all_finite(tree: Any) -> jax.Array:
-  """A scalar bool: every floating point leaf of ``tree`` is finite."""
-  flags = [
-    jnp.all(jnp.isfinite(x))
-    for x in jax.tree.leaves(tree, is_leaf=_tree_utils.is_none_or_masked)
-    if not _tree_utils.is_none_or_masked(x) and _tree_utils.is_float(x)
-  ]
-  if not flags:
-    return jnp.asarray(True)
-  return jnp.all(jnp.stack(flags))
 
 
 def _and(*flags: jax.Array | None) -> jax.Array | None:
@@ -169,7 +92,7 @@ def step_leaf(
   a = average.astype(compute)
   if weight is not None:
     a = jnp.where(weight > 0, a, jnp.zeros_like(a))
-  v = upcast_value(value, compute)
+  v = _values.upcast_value(value, compute)
   w = step.weight(compute)
   exact = jnp.where(w == 1, v, a - (a - v) * w)
   return _rounding.store(exact, average.dtype, stochastic, seed)
@@ -249,7 +172,7 @@ class Engine(NamedTuple):
 
   def _init_leaf(self, p: Any) -> Any:
     if _tree_utils.is_float(p):
-      dtype = default_ema_dtype(jnp.asarray(p).dtype, self.ema_dtype)
+      dtype = _values.default_ema_dtype(jnp.asarray(p).dtype, self.ema_dtype)
       copy = jnp.array(p, dtype=dtype, copy=True)  # explicit: never weak
       return _offload.to_host(copy) if self.offload else copy
     if _tree_utils.is_key(p):
@@ -278,10 +201,10 @@ class Engine(NamedTuple):
     """
     slots, count, step_sizes = state
     reference = slots[0].tree
-    values = latest_values(reference, params, updates, self.sequential)
+    values = _values.latest_values(reference, params, updates, self.sequential)
     finite = None
     if self.skip_nonfinite:
-      finite = all_finite(grads) & all_finite(values)
+      finite = _values.all_finite(grads) & _values.all_finite(values)
     real = _and(_inner_state.applied_update(inner_before, inner_after), finite)
     on_grid = None
     if self.update_every > 1:
@@ -346,55 +269,54 @@ class Engine(NamedTuple):
   ) -> tuple[list[SlotState], list[jax.Array]]:
     """Moves every average one step, in a single pass over the leaves."""
     del step_sizes  # replaced by this step's
-    ref_leaves, treedef = _tree_utils.flatten(slots[0].tree)
-    value_leaves = treedef.flatten_up_to(values)
-    # Position of each leaf among the array leaves (jax.tree.leaves order).
-    array_index, n = [], 0
-    for leaf in ref_leaves:
-      array_index.append(n if not _tree_utils.is_none_or_masked(leaf) else None)
-      n += 0 if _tree_utils.is_none_or_masked(leaf) else 1
+    value_leaves = _tree_utils.flatten(slots[0].tree)[1].flatten_up_to(values)
+    out = [
+      self._average_slot(j, state, value_leaves, count) for j, state in enumerate(slots)
+    ]
+    return [s for s, _ in out], [w for _, w in out]
 
-    steps = []
-    for slot in self.slots:
-      rules = _rules.leaf_rules(slot.decay, slots[0].tree, self.make_rule)
-      cache: dict[int, _rules.StepSize] = {}  # one step size per distinct rule
-      for r in rules:
-        if id(r) not in cache:
-          cache[id(r)] = _rules.interval_step(r, count, self.update_every)
-      steps.append([cache[id(r)] for r in rules])
+  def _step_sizes(self, j: int, reference: Any, count: jax.Array) -> list[Any]:
+    """The step size of average ``j`` at each leaf (one per distinct rule)."""
+    rules = _rules.leaf_rules(self.slots[j].decay, reference, self.make_rule)
+    cache: dict[int, _rules.StepSize] = {}
+    for r in rules:
+      if id(r) not in cache:
+        cache[id(r)] = _rules.interval_step(r, count, self.update_every)
+    return [cache[id(r)] for r in rules]
+
+  def _average_slot(
+    self, j: int, state: SlotState, value_leaves: list[Any], count: jax.Array
+  ) -> tuple[SlotState, jax.Array]:
+    """Average ``j`` one step on, and its per-step step size."""
+    slot = self.slots[j]
+    leaves, treedef = _tree_utils.flatten(state.tree)
+    steps = self._step_sizes(j, state.tree, count)
+    arrays = [i for i, a in enumerate(leaves) if not _tree_utils.is_none_or_masked(a)]
+    position = {i: k for k, i in enumerate(arrays)}  # among jax.tree.leaves
     stochastic = self.stochastic is not False
-    out_slots, out_sizes = [], []
-    for j, (slot, state) in enumerate(zip(self.slots, slots, strict=True)):
-      avg_leaves = treedef.flatten_up_to(state.tree)
-      new_leaves = []
-      for i, (a, v) in enumerate(zip(avg_leaves, value_leaves, strict=True)):
-        weight = None
-        if slot.debias:
-          k = array_index[i]
-          assert state.weight is not None
-          weight = state.weight[k] if slot.per_leaf and k is not None else state.weight
-        offloaded = self.offload and _tree_utils.is_float(a)
-        rounds = stochastic and _tree_utils.is_float(a) and a.dtype.itemsize < 4
-        new = step_leaf(
-          _offload.to_device(a) if offloaded else a,
-          v,
-          steps[j][i],
-          weight=weight,
-          stochastic=rounds,
-          seed=_rounding.rounding_seed(count, i, j) if rounds else None,
-        )
-        new_leaves.append(_offload.to_host(new) if offloaded else new)
-      tree = treedef.unflatten(new_leaves)
-      ws = [
-        steps[j][i].weight(jnp.float32)
-        for i, k in enumerate(array_index)
-        if k is not None
-      ]
-      w = jnp.stack(ws) if slot.per_leaf else steps[j][0].weight(jnp.float32)
-      weight = None if state.weight is None else _next_weight(state.weight, w)
-      out_slots.append(SlotState(tree, weight))
-      out_sizes.append(_rules.per_step(w, self.interval))
-    return out_slots, out_sizes
+    new_leaves = []
+    for i, (a, v) in enumerate(zip(leaves, value_leaves, strict=True)):
+      weight = state.weight
+      if slot.per_leaf and weight is not None and i in position:
+        weight = weight[position[i]]  # one debias weight per array leaf
+      offloaded = self.offload and _tree_utils.is_float(a)
+      rounds = stochastic and _tree_utils.is_float(a) and a.dtype.itemsize < 4
+      new = step_leaf(
+        _offload.to_device(a) if offloaded else a,
+        v,
+        steps[i],
+        weight=weight,
+        stochastic=rounds,
+        seed=_rounding.rounding_seed(count, i, j) if rounds else None,
+      )
+      new_leaves.append(_offload.to_host(new) if offloaded else new)
+    if slot.per_leaf:
+      w = jnp.stack([steps[i].weight(jnp.float32) for i in arrays])
+    else:
+      w = steps[0].weight(jnp.float32)
+    weight = None if state.weight is None else _next_weight(state.weight, w)
+    new_state = SlotState(treedef.unflatten(new_leaves), weight)
+    return new_state, _rules.per_step(w, self.interval)
 
   def _overwrite(self, updates: Any, slot: SlotState, params: Any) -> Any:
     """Updates that move the params onto the (debiased) average ``slot``."""

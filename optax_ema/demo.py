@@ -304,46 +304,17 @@ def decay_at(step: int, decay: float) -> float:
   return min(decay, (1.0 + step) / (10.0 + step))
 
 
-def run(args: argparse.Namespace, progress_stream: TextIO | None = None) -> History:
-  """Trains once, evaluating the raw and the averaged params along the way.
-
-  A two-layer Flax MLP (128 hidden units) is trained with
-  ``moving_average(optimizer, args.decay, dynamic_decay=True)`` for
-  ``args.steps`` steps of batches of 16 drawn (with replacement) from the
-  noisy training split. At about 60 evenly spaced points and at the table's
-  checkpoints, the current raw parameters and
-  ``optax_ema.averaged_params(opt_state, params)`` are both evaluated on the
-  clean test split.
-
-  Args:
-    args: parsed flags, as from ``build_parser().parse_args()``.
-    progress_stream: where the progress bar goes; ``sys.stdout`` if None.
-
-  Returns:
-    A :class:`History` of the measurements, starting at step 0.
-
-  Examples:
-    >>> import io
-    >>> from optax_ema import demo
-    >>> args = demo.build_parser().parse_args(["--steps", "3"])
-    >>> history = demo.run(args, progress_stream=io.StringIO())
-    >>> print(history.steps)
-    [0, 1, 2, 3]
-    >>> print(history.raw_acc[0] == history.avg_acc[0])  # no step yet
-    True
-  """
+def _setup(args: argparse.Namespace, data: list[Any]) -> tuple[Any, Any, Any, Any]:
+  """The model's TrainState, the data key, and the jitted train / evaluate."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  import numpy as np
   import optax
   from flax.training import train_state
 
   import optax_ema
 
-  x_train, y_train, x_test, y_test = _load_data(args.seed)
-  x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
-  x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
+  x_train, y_train, x_test, y_test = data
 
   class MLP(nn.Module):
     @nn.compact
@@ -386,6 +357,45 @@ def run(args: argparse.Namespace, progress_stream: TextIO | None = None) -> Hist
 
     averaged = optax_ema.averaged_params(state.opt_state, state.params)
     return jnp.stack([metrics(state.params), metrics(averaged)])
+
+  return state, data_key, train, evaluate
+
+
+def run(args: argparse.Namespace, progress_stream: TextIO | None = None) -> History:
+  """Trains once, evaluating the raw and the averaged params along the way.
+
+  A two-layer Flax MLP (128 hidden units) is trained with
+  ``moving_average(optimizer, args.decay, dynamic_decay=True)`` for
+  ``args.steps`` steps of batches of 16 drawn (with replacement) from the
+  noisy training split. At about 60 evenly spaced points and at the table's
+  checkpoints, the current raw parameters and
+  ``optax_ema.averaged_params(opt_state, params)`` are both evaluated on the
+  clean test split.
+
+  Args:
+    args: parsed flags, as from ``build_parser().parse_args()``.
+    progress_stream: where the progress bar goes; ``sys.stdout`` if None.
+
+  Returns:
+    A :class:`History` of the measurements, starting at step 0.
+
+  Examples:
+    >>> import io
+    >>> from optax_ema import demo
+    >>> args = demo.build_parser().parse_args(["--steps", "3"])
+    >>> history = demo.run(args, progress_stream=io.StringIO())
+    >>> print(history.steps)
+    [0, 1, 2, 3]
+    >>> print(history.raw_acc[0] == history.avg_acc[0])  # no step yet
+    True
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  data = [jnp.asarray(a) for a in _load_data(args.seed)]
+  x_train, _, x_test, _ = data
+  state, data_key, train, evaluate = _setup(args, data)
 
   eval_steps = sorted(
     set(np.linspace(0, args.steps, NUM_EVALS + 1).round().astype(int).tolist())

@@ -14,6 +14,7 @@ import optax
 
 from optax_ema import _reading
 from optax_ema import _tree_utils
+from optax_ema.compat import _keras
 from optax_ema.compat import _optimizers
 
 
@@ -175,12 +176,12 @@ class Stateful:
 
   @learning_rate.setter
   def learning_rate(self, value: Any) -> None:
-    if callable(value) or not _optimizers._is_real_number(value):
+    if callable(value) or not _keras.is_real_number(value):
       raise TypeError(
         "`learning_rate` can only be assigned a float (a schedule must be given "
         f"when the optimizer is built), got {type(value).__name__}: {value!r}."
       )
-    _optimizers._check_learning_rate(value)
+    _keras.check_learning_rate(value)
     if self._state is not None:
       self._set_hyperparam("learning_rate", value)
       return
