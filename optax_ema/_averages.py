@@ -131,20 +131,30 @@ def describe_choices(keys: Sequence[Any], values: Sequence[Any], noun: str) -> s
 
 
 def resolve_which(
-  which: Any, keys: Sequence[Any], values: Sequence[Any], noun: str
+  which: Any,
+  keys: Sequence[Any],
+  values: Sequence[Any],
+  noun: str,
+  name: str = "which",
 ) -> int:
   """The position that ``which`` names among several averages.
 
   ``which`` is a position (negative counts from the end), a key, or the
   value the average is known by (its constant decay, its ``sigma_rel``),
-  compared as float32 numbers, which is how the package applies them. Raises
-  a ValueError listing the choices when it names none or several.
+  compared as float32 numbers, which is how the package applies them; a
+  0-d array counts as the number it holds. Raises a ValueError listing the
+  choices when it names none or several. ``name`` is the argument's name in
+  messages.
   """
   n = len(keys)
+  choices = describe_choices(keys, values, noun)
+  if isinstance(which, (jax.Array, np.ndarray, np.generic)) and np.ndim(which) == 0:
+    if not isinstance(which, jax.core.Tracer):
+      which = np.asarray(which).item()
   if isinstance(which, (bool, np.bool_)):
     raise TypeError(
-      f"`which` must be a position, a key or a {noun}, got {which!r}; "
-      f"choose one of: {describe_choices(keys, values, noun)}."
+      f"`{name}` must be a position, a key or a {noun}, got {which!r}; "
+      f"choose one of: {choices}."
     )
   if isinstance(which, str):
     if which in keys:
@@ -161,12 +171,12 @@ def resolve_which(
       return matches[0]
     if len(matches) > 1:
       raise ValueError(
-        f"`which`={which!r} matches {len(matches)} averages with that {noun}; "
-        f"pick one by position or key: {describe_choices(keys, values, noun)}."
+        f"`{name}`={which!r} matches {len(matches)} averages with that {noun}; "
+        f"pick one by position or key: {choices}."
       )
   raise ValueError(
-    f"`which`={which!r} picks none of the {n} averages in this state; "
-    f"choose one of: {describe_choices(keys, values, noun)}."
+    f"`{name}`={which!r} picks none of the {n} averages in this state; "
+    f"choose one of: {choices}."
   )
 
 

@@ -70,17 +70,21 @@ def check_not_an_update_average(inner_state: Any, caller: str) -> None:
   """Rejects ``optax.ema`` given as the optimizer to wrap.
 
   ``optax.ema`` averages the *updates* (a momentum) and returns them as the
-  step: wrapped alone, training would move along the averaged gradients,
-  up the loss.
+  step: wrapped alone, or last in a chain (nothing after it to scale the
+  step by a negative learning rate), training would move along the averaged
+  gradients, up the loss.
   """
   state = inner_state
-  while isinstance(state, _PASS_THROUGH):
-    state = state.inner_state
+  # The transformation's own state, or the last of a chain's (what the
+  # optimizer's updates finally are), through pass-through wrappers.
+  while isinstance(state, _PASS_THROUGH) or (type(state) is tuple and state):
+    state = state.inner_state if isinstance(state, _PASS_THROUGH) else state[-1]
   if isinstance(state, optax.EmaState):
     raise ValueError(
-      f"`optimizer` is optax.ema, which averages the updates (a momentum of "
-      "the gradients) and returns them as the step: training would climb the "
+      "`optimizer` is (or ends with) optax.ema, which averages the updates "
+      "(a momentum of the gradients) and returns them as the step: training "
+      "would climb the "
       f"loss. {caller} keeps the average of the parameters itself; wrap the "
-      f"optimizer you train with, e.g. `optax_ema.{caller}(optax.adam(1e-3), "
-      "average_decay=0.999)`."
+      f"optimizer you train with, e.g. `optax_ema.{caller}(optax.adam(1e-3)"
+      f"{', average_decay=0.999' if caller == 'moving_average' else ''})`."
     )

@@ -111,11 +111,15 @@ def _check_rounding(stochastic_rounding: Any, ema_dtype: Any, decays: Any) -> No
     for decay in decays:
       specs = decay.prefix if isinstance(decay, _rules.PerLeafDecay) else decay
       for d in jax.tree.leaves(specs, is_leaf=callable):
-        _validation.warn_if_unresolvable(d, ema_dtype, "average_decay")
+        _validation.warn_if_unresolvable(d, ema_dtype, "average_decay", stacklevel=4)
 
 
 def _overwrite_slot(
-  overwrite_every: Any, overwrite_with: Any, update_every: int, layout: _Layout
+  overwrite_every: Any,
+  overwrite_with: Any,
+  update_every: int,
+  sequential_update: bool,
+  layout: _Layout,
 ) -> tuple[int, int]:
   """``(overwrite_every, slot)``: 0 when the params are never overwritten."""
   if overwrite_every is None:
@@ -126,6 +130,12 @@ def _overwrite_slot(
       )
     return 0, 0
   every = _validation.static_int(overwrite_every, "overwrite_every")
+  if not sequential_update:
+    raise ValueError(
+      "`overwrite_every` needs `sequential_update=True`: with False the average "
+      "holds the params from before this step's update, and moving the params "
+      "onto it would throw that update away."
+    )
   if every % update_every:
     raise ValueError(
       f"`overwrite_every`={every} must be a multiple of `update_every`="
@@ -145,7 +155,7 @@ def _overwrite_slot(
       f"{_averages.describe_choices(layout.keys, layout.labels, 'decay')}."
     )
   return every, _averages.resolve_which(
-    overwrite_with, layout.keys, layout.labels, "decay"
+    overwrite_with, layout.keys, layout.labels, "decay", name="overwrite_with"
   )
 
 
@@ -195,9 +205,13 @@ def moving_average(
   :func:`optax_ema.averaged_params`.
 
   The average moves exactly on the steps where the wrapped optimizer applies
-  an update: inside ``moving_average``, an ``optax.MultiSteps`` micro-step
-  and a step that ``optax.apply_if_finite`` rejects neither move nor count
-  (and ``optax.MultiSteps(moving_average(...))`` gives the same average).
+  an update: inside ``moving_average`` (through ``optax.chain``,
+  ``optax.named_chain`` and ``optax.inject_hyperparams``), an
+  ``optax.MultiSteps`` micro-step and a step that ``optax.apply_if_finite``
+  rejects neither move nor count (and ``optax.MultiSteps(moving_average(...))``
+  gives the same average). A schedule counts those real steps; under
+  ``optax.inject_hyperparams`` pass ``static_args=("average_decay",)`` for
+  that, since it otherwise evaluates the schedule on its own count.
 
   Beyond TFA (all off by default): several averages at once, per-leaf
   decays, zero-debiasing, averaging only every k-th step, low-precision
@@ -321,7 +335,9 @@ def moving_average(
   )
   _check_rounding(stochastic_rounding, ema_dtype, decays)
   layout = _Layout(keys, tuple(_averages.decay_label(d) for d in decays), several)
-  overwrite, slot = _overwrite_slot(overwrite_every, overwrite_with, every, layout)
+  overwrite, slot = _overwrite_slot(
+    overwrite_every, overwrite_with, every, bool(sequential_update), layout
+  )
   engine = _engine.Engine(
     slots=tuple(_engine.Slot(d, bool(debias)) for d in decays),
     make_rule=functools.partial(

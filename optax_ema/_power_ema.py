@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -78,6 +79,29 @@ class _Layout:
     slots = [_engine.SlotState(state.averages[k]) for k in self.keys]
     sizes = [jnp.ones([], jnp.float32) for _ in self.keys]
     return state.inner_state, _engine.EngineState(slots, state.count, sizes)
+
+
+def _warn_if_profiles_freeze(ema_dtype: Any, gamma: float) -> None:
+  """Round-to-nearest narrow storage stops a power profile after a while.
+
+  A profile's step ``1 - beta(t)`` shrinks like ``(gamma + 1) / t``: below
+  the storage's relative resolution after about ``(gamma + 1) / eps``
+  updates, every step rounds back to the old average.
+  """
+  storage = jnp.dtype(ema_dtype)
+  if storage.itemsize >= 4:
+    return
+  eps = float(jnp.finfo(storage).eps)
+  warnings.warn(
+    f"`ema_dtype`={storage.name} with `stochastic_rounding=False`: a power "
+    f"profile's step shrinks like (gamma + 1) / t and falls below "
+    f"{storage.name}'s resolution ({eps:.2g}) after about "
+    f"{(gamma + 1) / eps:,.0f} updates, from where round-to-nearest storage "
+    "will not move. Leave `stochastic_rounding` at its default, or store the "
+    "averages in float32.",
+    UserWarning,
+    stacklevel=4,
+  )
 
 
 def power_ema(
@@ -160,12 +184,14 @@ def power_ema(
     :math:`(i / t)^{\\gamma+1}`.
   """
   sigmas = _validation.check_sigma_rels(sigma_rels)
+  gammas = tuple(_power_math.sigma_rel_to_gamma(s) for s in sigmas)
   _validation.check_ema_dtype(ema_dtype)
   _validation.check_mask(mask)
   if stochastic_rounding is not None:
     _validation.check_bool(stochastic_rounding, "stochastic_rounding")
+  if stochastic_rounding is False and ema_dtype is not None:
+    _warn_if_profiles_freeze(ema_dtype, max(gammas))
   _validation.check_bool(offload, "offload")
-  gammas = tuple(_power_math.sigma_rel_to_gamma(s) for s in sigmas)
   engine = _engine.Engine(
     slots=tuple(_engine.Slot(g) for g in gammas),
     make_rule=_rules.power_rule,

@@ -103,6 +103,12 @@ def resume_with_average(
       f"swa) state, found "
       f"{len(found)} in its state (a {type(fresh).__name__})."
     )
+  if _reading.find_average_states(inner_state):
+    raise ValueError(
+      "`inner_state` already holds an averaging state: it is a state of "
+      "`tx` itself (or of another averaging wrapper), not of the optimizer "
+      "before the average was enabled; use it as it is."
+    )
 
   # The old optimizer's state: tx's state without the moving-average wrapper.
   stripped = jax.tree.map(

@@ -74,7 +74,18 @@ def state_shardings(
     pinned_host
   """
   if param_shardings is None:
-    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    param_shardings = jax.tree.map(lambda p: getattr(p, "sharding", None), params)
+    unsharded = [
+      _tree_utils.keystr(path)
+      for path, s in jax.tree_util.tree_flatten_with_path(params)[0]
+      if getattr(s, "sharding", None) is None
+    ]
+    if unsharded:
+      raise ValueError(
+        f"`params` carry no sharding at {', '.join(unsharded[:3])} (abstract "
+        "params from jax.eval_shape have none): pass `param_shardings=`, a "
+        "tree of shardings shaped like `params`."
+      )
   replicated = _replicated(param_shardings)
   abstract = jax.eval_shape(tx.init, params)
 

@@ -124,7 +124,9 @@ def upgrade_state(restored: Any, like: optax.OptState) -> optax.OptState:
       if name is None:
         raise ValueError(
           f"`restored` has no leaf at {_tree_utils.keystr(path)}: it was not "
-          "written by the transformation `like` describes."
+          "written by the transformation `like` describes, or the two are not "
+          "the same tree (both the whole training state, or both the optimizer "
+          "state)."
         )
       value = np.full(tuple(leaf.shape), _ADDED_FIELDS[name], leaf.dtype)
     else:

@@ -124,8 +124,38 @@ def check_decay(value: Any, name: str = "average_decay") -> None:
     raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
 
 
+# The counts a schedule is sampled at when it is built: every count up to 32,
+# then four per decade up to 1e9.
+SAMPLED_COUNTS = sorted({*range(33), *(int(10 ** (k / 4)) for k in range(6, 37))})
+
+
+def sample_schedule(schedule: Callable[..., Any]) -> np.ndarray | None:
+  """The schedule's values at :data:`SAMPLED_COUNTS`; None if they are traced.
+
+  A schedule closing over traced values (built inside ``jit``) cannot be
+  evaluated here.
+  """
+  counts = jnp.asarray(SAMPLED_COUNTS, jnp.int32)
+  try:
+    values = jax.vmap(schedule)(counts)
+  except Exception:  # Python control flow on the count: one count at a time
+    values = [schedule(c) for c in counts]
+    if any(is_traced(v) for v in values):
+      return None
+    return np.asarray([np.asarray(v, np.float64) for v in values])
+  if is_traced(values):
+    return None
+  return np.asarray(values, np.float64)
+
+
 def check_schedule(schedule: Callable[..., Any], name: str) -> None:
-  """Checks, without running it, that a schedule maps a count to a scalar."""
+  """Checks that a schedule maps a count to a decay in [0, 1].
+
+  Its output must be a scalar of at least float32, and its values at
+  :data:`SAMPLED_COUNTS` must be decays: a schedule that leaves [0, 1] (say a
+  linear ramp past 1, or ``1 - 1 / count`` at count 0) would push the average
+  away from the params.
+  """
   try:
     out = jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.int32))
   except Exception as err:
@@ -138,6 +168,17 @@ def check_schedule(schedule: Callable[..., Any], name: str) -> None:
       f"`{name}` schedule must return a scalar, got {out!r} for an int32 count."
     )
   check_float_dtype(out, f"{name}(count)")
+  values = sample_schedule(schedule)
+  if values is None:
+    return
+  bad = [i for i, v in enumerate(values) if not 0.0 <= v <= 1.0]
+  if bad:
+    count, value = SAMPLED_COUNTS[bad[0]], float(values[bad[0]])
+    raise ValueError(
+      f"`{name}` schedule must give decays in [0, 1], but gives {value!r} at "
+      f"count {count}: a decay outside [0, 1] pushes the average away from "
+      "the params. Clip it, e.g. `lambda c: jnp.clip(schedule(c), 0.0, 1.0)`."
+    )
 
 
 def check_int(
@@ -179,6 +220,12 @@ def static_int(value: Any, name: str, minimum: int = 1) -> int:
 def check_ema_dtype(ema_dtype: Any) -> None:
   if ema_dtype is None:
     return
+  if isinstance(ema_dtype, (jax.Array, np.ndarray)):
+    raise TypeError(
+      "`ema_dtype` must be a dtype, got an array: under "
+      "optax.inject_hyperparams a dtype is callable and is taken for a "
+      "schedule; pass `static_args=('ema_dtype',)` to optax.inject_hyperparams."
+    )
   try:
     dtype = jnp.dtype(ema_dtype)
   except TypeError:
@@ -257,25 +304,40 @@ def check_sigma_rel(value: Any, name: str = "sigma_rel", context: str = "") -> f
   return out
 
 
-def warn_if_unresolvable(decay: Any, storage: Any, name: str) -> None:
+def warn_if_unresolvable(decay: Any, storage: Any, name: str, stacklevel: int) -> None:
   """Warns when round-to-nearest storage cannot hold one step of ``decay``.
 
   An average moves by ``(1 - decay)`` times its distance to the params; when
   that is below the storage dtype's relative spacing, every step rounds
-  back to the old value.
+  back to the old value. A constant decay is checked, a schedule at
+  :data:`SAMPLED_COUNTS`; a traced decay cannot be, and warns as well.
   """
-  if not is_concrete_scalar(decay):
-    return
   eps = float(jnp.finfo(storage).eps)
-  step = 1.0 - float(np.float32(decay))
-  if 0.0 < step < eps:
-    warnings.warn(
-      f"`{name}`={decay!r} with `ema_dtype`={jnp.dtype(storage).name} and "
-      f"`stochastic_rounding=False`: each step moves the average by "
-      f"{step:.2g} of its distance to the params, below "
-      f"{jnp.dtype(storage).name}'s resolution ({eps:.2g}), so round-to-nearest "
-      "storage will not move. Leave `stochastic_rounding` at its default, or "
-      "store the average in float32.",
-      UserWarning,
-      stacklevel=4,
+  dtype = jnp.dtype(storage).name
+  if is_concrete_scalar(decay):
+    step = 1.0 - float(np.float32(decay))
+    if not 0.0 < step < eps:
+      return
+    what = f"`{name}`={decay!r}: each step moves the average by {step:.2g}"
+  elif callable(decay):
+    values = sample_schedule(decay)
+    if values is None:
+      return
+    below = [i for i, v in enumerate(values) if 0.0 < 1.0 - v < eps]
+    if not below:
+      return
+    count = SAMPLED_COUNTS[below[0]]
+    what = (
+      f"`{name}` (a schedule): from about count {count} on, a step moves the "
+      f"average by {1.0 - values[below[0]]:.2g}"
     )
+  else:
+    what = f"`{name}` is traced (optax.inject_hyperparams), so it cannot be checked"
+  warnings.warn(
+    f"{what} of its distance to the params, with `ema_dtype`={dtype} and "
+    f"`stochastic_rounding=False`: below {dtype}'s resolution ({eps:.2g}), "
+    "round-to-nearest storage will not move. Leave `stochastic_rounding` at "
+    "its default, or store the average in float32.",
+    UserWarning,
+    stacklevel=stacklevel + 1,
+  )

@@ -86,6 +86,9 @@ def test_dict_of_decays_and_schedules_picked_by_key_index_or_value():
   _assert_tree_close(fast, _np_ema(lambda path, t: 0.6))
   _assert_tree_close(optax_ema.averaged_params(state, which=0), fast)
   _assert_tree_close(optax_ema.averaged_params(state, which=0.6), fast)
+  # 0-d arrays count as the numbers they hold.
+  _assert_tree_close(optax_ema.averaged_params(state, which=jnp.float32(0.6)), fast)
+  _assert_tree_close(optax_ema.averaged_params(state, which=np.int64(0)), fast)
   ramp = optax_ema.averaged_params(state, which="ramp")
   _assert_tree_close(ramp, _np_ema(lambda path, t: min(0.99, (1 + t) / (10 + t))))
   assert state.average.keys == ("fast", "ramp")

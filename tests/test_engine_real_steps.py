@@ -194,3 +194,40 @@ def test_a_micro_step_does_no_average_arithmetic_in_the_compiled_step():
   # the average untouched, and no parameter-sized temporary for it.
   assert wrapped == plain + 1
   assert temp <= plain_temp + 64 * 32 * 4 // 4
+
+
+def test_a_schedule_made_static_under_inject_hyperparams_counts_real_steps():
+  # inject_hyperparams would evaluate the schedule on its own count of calls
+  # (micro-steps included); static, moving_average evaluates it.
+  schedule = lambda c: jnp.where(c < 2, 0.0, 0.5)
+  plain = optax_ema.moving_average(optax.MultiSteps(optax.sgd(LR), K), schedule)
+  injected = optax.inject_hyperparams(
+    optax_ema.moving_average, static_args=("average_decay",)
+  )(optimizer=optax.MultiSteps(optax.sgd(LR), K), average_decay=schedule)
+  _, a = helpers.run(plain, helpers.params(), GRADS)
+  _, b = helpers.run(injected, helpers.params(), GRADS)
+  helpers.assert_trees_identical(
+    optax_ema.averaged_params(a), optax_ema.averaged_params(b)
+  )
+  real = _real_steps()
+  want = helpers.np_ema(helpers.params(), real, [0.0, 0.0, 0.5, 0.5])
+  helpers.assert_tree_close(optax_ema.averaged_params(b), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["inside", "outside"])
+def test_after_max_consecutive_errors_skip_nonfinite_keeps_the_average_finite(order):
+  # max_consecutive_errors=1: the second NaN step is applied and the params
+  # go NaN; without skip_nonfinite the next steps would average them.
+  ema = lambda inner: optax_ema.moving_average(inner, 0.5, skip_nonfinite=True)
+  if order == "inside":
+    tx = ema(optax.apply_if_finite(optax.sgd(LR), 1))
+  else:
+    tx = optax.apply_if_finite(ema(optax.sgd(LR)), 1)
+  grads = [GRADS[0], _nan_like(GRADS[1]), _nan_like(GRADS[1]), GRADS[2]]
+  params, state = helpers.run(tx, helpers.params(), grads)
+  assert np.isnan(np.asarray(params["a"])).all()
+  values = helpers.np_sgd(helpers.params(), GRADS[:1], LR)
+  helpers.assert_tree_close(
+    optax_ema.averaged_params(state), helpers.np_ema(helpers.params(), values, [0.5])
+  )
+  assert int(optax_ema.diagnostics(state, params)["count"]) == 1

@@ -61,7 +61,11 @@ def _run(tx, params, grads, which=None):
   [
     (0.9, lambda t: 0.9, 0),
     (0.8, lambda t: 0.8, 4),
-    (lambda c: 0.5 + 0.01 * c.astype(jnp.float32), lambda t: 0.5 + 0.01 * t, 0),
+    (
+      lambda c: jnp.minimum(0.5 + 0.01 * c.astype(jnp.float32), 0.95),
+      lambda t: min(0.5 + 0.01 * t, 0.95),
+      0,
+    ),
   ],
 )
 def test_update_every_matches_numpy_reference(k, decay, decay_at, start_step):

@@ -243,6 +243,72 @@ MISTAKES = [
     ["both `lr` and `learning_rate`"],
   ),
   (
+    "a schedule that leaves [0, 1]",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), optax.linear_schedule(0.99, 1.01, 10)
+    ),
+    ValueError,
+    ["`average_decay` schedule must give decays in [0, 1]", "at count"],
+  ),
+  (
+    "1 - 1 / count as a schedule (-inf at count 0)",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), lambda c: 1 - 1 / c),
+    ValueError,
+    ["-inf at count 0"],
+  ),
+  (
+    "overwrite_every with sequential_update=False",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), sequential_update=False, overwrite_every=2
+    ),
+    ValueError,
+    ["`overwrite_every` needs `sequential_update=True`"],
+  ),
+  (
+    "an unknown overwrite_with",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), (0.5, 0.9), overwrite_every=2, overwrite_with="slow"
+    ),
+    ValueError,
+    ["`overwrite_with`='slow' picks none"],
+  ),
+  (
+    "a dtype under inject_hyperparams without static_args",
+    lambda: _update(
+      optax.inject_hyperparams(optax_ema.moving_average)(
+        optimizer=optax.sgd(0.1), ema_dtype=jnp.bfloat16
+      )
+    ),
+    TypeError,
+    ["`ema_dtype`", "static_args=('ema_dtype',)"],
+  ),
+  (
+    "optax.ema last in a chain passed as the optimizer",
+    lambda: optax_ema.moving_average(
+      optax.chain(optax.clip(1.0), optax.ema(0.9)), 0.99
+    ).init(PARAMS),
+    ValueError,
+    ["ends with) optax.ema"],
+  ),
+  (
+    "state_shardings of abstract params that carry no sharding",
+    lambda: optax_ema.state_shardings(
+      optax_ema.moving_average(optax.sgd(0.1)), jax.eval_shape(lambda: PARAMS)
+    ),
+    ValueError,
+    ["carry no sharding", "`param_shardings=`"],
+  ),
+  (
+    "resume_with_average given the state of the wrapped transformation",
+    lambda: optax_ema.resume_with_average(
+      optax_ema.moving_average(optax.sgd(0.1)),
+      optax_ema.moving_average(optax.sgd(0.1)).init(PARAMS),
+      PARAMS,
+    ),
+    ValueError,
+    ["already holds an averaging state"],
+  ),
+  (
     "a misspelt optimizer name",
     lambda: optax_ema.moving_average("adma"),
     ValueError,
@@ -285,6 +351,42 @@ WARNINGS = [
     ["float16", "will not move"],
   ),
   (
+    "round-to-nearest bfloat16 storage with a schedule that reaches 0.999",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1),
+      optax.linear_schedule(0.9, 0.999, 1000),
+      ema_dtype=jnp.bfloat16,
+      stochastic_rounding=False,
+    ),
+    UserWarning,
+    ["a schedule", "from about count", "will not move"],
+  ),
+  (
+    "round-to-nearest bfloat16 storage of power_ema's profiles",
+    lambda: optax_ema.power_ema(
+      optax.sgd(0.1), ema_dtype=jnp.bfloat16, stochastic_rounding=False
+    ),
+    UserWarning,
+    ["(gamma + 1) / t", "bfloat16", "will not move"],
+  ),
+  (
+    "round-to-nearest storage of a decay traced by inject_hyperparams",
+    lambda: _update(
+      optax.inject_hyperparams(
+        optax_ema.moving_average,
+        static_args=("ema_dtype",),
+        hyperparam_dtype=jnp.float32,
+      )(
+        optimizer=optax.sgd(0.1),
+        average_decay=0.999,
+        ema_dtype=jnp.bfloat16,
+        stochastic_rounding=False,
+      )
+    ),
+    UserWarning,
+    ["is traced", "cannot be checked"],
+  ),
+  (
     "Keras `decay` with an optimizer by name (TFA's learning-rate decay)",
     lambda: optax_ema.moving_average("adam", decay=0.999),
     UserWarning,
@@ -304,6 +406,22 @@ def test_ambiguous_configuration_warns_naming_it(call, warning, words):
   message = " ".join(str(r.message) for r in record)
   for word in words:
     assert word in message, f"{word!r} not in: {message}"
+
+
+def test_optax_ema_with_a_negative_scale_after_it_is_a_momentum_and_accepted():
+  # chain(ema, scale(-lr)) is SGD with momentum: its updates descend.
+  tx = optax_ema.moving_average(optax.chain(optax.ema(0.9), optax.scale(-0.1)), 0.5)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+  assert all(float(jnp.max(u)) < 0 for u in jax.tree.leaves(updates))
+
+
+def test_ambiguous_warning_points_at_the_callers_line():
+  with pytest.warns(UserWarning) as record:
+    optax_ema.moving_average(
+      optax.sgd(0.1), 0.999, ema_dtype=jnp.bfloat16, stochastic_rounding=False
+    )
+  assert record[0].filename == __file__
 
 
 def test_bfloat16_storage_alone_tracks_instead_of_freezing():

@@ -93,7 +93,7 @@ def test_command_line_lists_snapshots_without_reading_arrays(tmp_path, capsys):
     (["--sigma-rel", "0.07", "--out", "x"], "give the snapshot directory"),
     (["{d}", "--sigma-rel", "0.07"], "give --list, or --sigma-rel and --out"),
     (["{d}", "--sigma-rel", "0.07", "--step", "15", "--out", "{d}/x"], "steps 10, 20"),
-    (["{d}", "--sigma-rel", "0.5", "--out", "{d}/x"], "`sigma_rel` must be in"),
+    (["{d}", "--sigma-rel", "0.5", "--out", "{d}/x"], "`--sigma-rel` must be in"),
     (["{d}", "--sigma-rel", "0.07", "--out", "{d}"], "exists already"),
     (["{d}/missing", "--list"], "does not exist"),
   ],

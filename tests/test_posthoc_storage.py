@@ -110,7 +110,9 @@ def test_non_float_leaves_are_stored_and_keys_and_masked_leaves_are_not(tmp_path
   tx = optax_ema.power_ema(
     optax.identity(), mask={"w": True, "i": True, "k": True, "n": True}
   )
-  state = tx.init(params)
+  float0 = np.zeros((), jax.dtypes.float0)  # no update of a PRNG key
+  updates = {"w": jnp.ones(3), "i": jnp.ones(2, jnp.int32), "k": float0, "n": None}
+  _, state = tx.update(updates, tx.init(params), params)
   posthoc.save_snapshot(tmp_path, state)
   (snap,) = posthoc.load_snapshots(tmp_path)
   assert snap.tree["n"] is None and snap.tree["k"] is None
@@ -409,11 +411,33 @@ def test_steps_must_increase(tmp_path):
   _, state20 = _climb({"w": jnp.zeros(2)}, 20)
   with posthoc.SnapshotWriter(tmp_path) as writer:
     writer.save(state20)
-    with pytest.raises(ValueError, match="snapshot at step 20 and cannot take one at"):
+    with pytest.raises(ValueError, match="of count 20 and cannot take one of count 10"):
       writer.save(state10)
   with posthoc.SnapshotWriter(tmp_path) as writer:  # also across writers
-    with pytest.raises(ValueError, match="cannot take one at step 20"):
+    with pytest.raises(ValueError, match="holds the snapshot of count 20: the state"):
       writer.save(state20)
+
+
+def test_a_state_that_averaged_nothing_yet_is_not_saved(tmp_path):
+  state = optax_ema.power_ema(optax.sgd(0.1)).init({"w": jnp.zeros(2)})
+  with pytest.raises(ValueError, match="averaged nothing yet"):
+    posthoc.save_snapshot(tmp_path, state)
+
+
+def test_saving_again_before_the_next_real_step_says_why(tmp_path):
+  # Inside MultiSteps the count is of real steps: a micro-step adds none.
+  tx = optax.MultiSteps(optax_ema.power_ema(optax.sgd(0.1)), 2)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  with posthoc.SnapshotWriter(tmp_path) as writer:
+    for step in range(1, 4):
+      updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+      params = optax.apply_updates(params, updates)
+      if step == 2:
+        writer.save(state)
+      if step == 3:  # a micro-step: still count 1
+        with pytest.raises(ValueError, match=r"not optax\.MultiSteps micro-steps"):
+          writer.save(state)
 
 
 def test_one_open_writer_per_directory(tmp_path):
@@ -433,8 +457,10 @@ def test_saving_a_state_without_power_ema_is_an_error(tmp_path):
 
 def test_the_power_ema_state_is_found_inside_a_chain(tmp_path):
   tx = optax.chain(optax.clip(1.0), optax_ema.power_ema(optax.sgd(0.1)))
-  posthoc.save_snapshot(tmp_path, tx.init({"w": jnp.ones(2)}))
-  assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [0]
+  params = {"w": jnp.ones(2)}
+  _, state = tx.update(params, tx.init(params), params)
+  posthoc.save_snapshot(tmp_path, state)
+  assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [1]
 
 
 @pytest.mark.parametrize("every", [0, -1, 2.5, True])

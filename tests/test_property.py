@@ -54,16 +54,20 @@ def configurations(draw):
   n_averages = draw(st.integers(1, 3))
   decays = [draw(st.one_of(constant_decays, schedules)) for _ in range(n_averages)]
   every = draw(st.sampled_from([1, 1, 2, 3]))
+  sequential = draw(st.booleans())
   return {
     "decays": decays,
-    "sequential_update": draw(st.booleans()),
+    "sequential_update": sequential,
     "num_updates": draw(st.one_of(st.none(), st.integers(0, 20))),
     "start_step": draw(st.sampled_from([0, 0, 2, 5])),
     "dynamic_decay": draw(st.booleans()),
     "debias": draw(st.booleans()),
     "update_every": every,
     "skip_nonfinite": draw(st.booleans()),
-    "overwrite_every": draw(st.sampled_from([None, None, every * 2])),
+    # An overwrite needs the average of the params after the step.
+    "overwrite_every": draw(st.sampled_from([None, None, every * 2]))
+    if sequential
+    else None,
     "masked": draw(st.booleans()),
   }
 

@@ -146,7 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights = _solver.select_weights(snaps, args.sigma_rel, args.step)
     params = _reconstruct.reconstruct(snaps, args.sigma_rel, args.step)
   except (ValueError, TypeError) as err:
-    print(f"error: {err}", file=sys.stderr)
+    # The messages name the function's arguments; here they are flags.
+    message = str(err)
+    for name in ("step", "sigma_rel"):
+      message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
+    print(f"error: {message}", file=sys.stderr)
     return 2
   _print_weights(weights)
   count = _write(out, params, weights)

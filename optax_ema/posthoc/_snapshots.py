@@ -55,12 +55,13 @@ class Snapshot(NamedTuple):
     >>> import optax_ema
     >>> from optax_ema import posthoc
     >>> tx = optax_ema.power_ema(optax.sgd(0.1), sigma_rels=(0.05, 0.10))
-    >>> state = tx.init({"w": jnp.ones(3)})
+    >>> params = {"w": jnp.ones(3)}
+    >>> _, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
     >>> with tempfile.TemporaryDirectory() as d:
     ...   _ = posthoc.save_snapshot(d, state)
     ...   (snap,) = posthoc.load_snapshots(d)
     >>> print(snap.step, snap.sigma_rels, snap.keys, snap.dtype, snap.tree["w"].shape)
-    0 [0.05 0.1 ] ('0.05', '0.1') float16 (3,)
+    1 [0.05 0.1 ] ('0.05', '0.1') float16 (3,)
   """
 
   step: int

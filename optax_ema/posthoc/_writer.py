@@ -107,12 +107,24 @@ class SnapshotWriter:
     if self._manager is None:
       raise ValueError(f"This SnapshotWriter of {str(self.directory)!r} is closed.")
     step, tree, meta = _items.storage_tree(opt_state, dtype, caller)
-    if self._last is not None and step <= self._last:
+    if step == 0:
       raise ValueError(
-        f"{str(self.directory)!r} already holds a snapshot at step {self._last} "
-        f"and cannot take one at step {step} (steps must increase): snapshots "
-        "from a run that was resumed from an earlier checkpoint belong to "
-        "another trajectory; delete them, or save to a new directory."
+        f"`{caller}` got a power_ema state that has averaged nothing yet (its "
+        "count, the updates applied, is 0): save snapshots after updates."
+      )
+    if self._last is not None and step == self._last:
+      raise ValueError(
+        f"{str(self.directory)!r} already holds the snapshot of count {step}: "
+        "the state has not averaged since. A snapshot is named by the state's "
+        "count, the updates the wrapped optimizer applied (not optax.MultiSteps "
+        "micro-steps); save after the next update."
+      )
+    if self._last is not None and step < self._last:
+      raise ValueError(
+        f"{str(self.directory)!r} already holds a snapshot of count {self._last} "
+        f"and cannot take one of count {step} (counts must increase): "
+        "snapshots from a run that was resumed from an earlier checkpoint "
+        "belong to another trajectory; delete them, or save to a new directory."
       )
     self._manager.save(
       step,
@@ -209,12 +221,13 @@ def save_snapshot(
     >>> import optax_ema
     >>> from optax_ema import posthoc
     >>> tx = optax_ema.power_ema(optax.sgd(0.1))
-    >>> state = tx.init({"w": jnp.ones(3)})
+    >>> params = {"w": jnp.ones(3)}
+    >>> _, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
     >>> with tempfile.TemporaryDirectory() as d:
     ...   path = posthoc.save_snapshot(d, state)
     ...   posthoc.wait_until_finished(d)
     ...   print(path.name, path.is_dir())
-    0 True
+    1 True
   """
   path = pathlib.Path(directory).resolve()
   writer = _snapshots.OPEN_WRITERS.get(path)
@@ -238,7 +251,8 @@ def wait_until_finished(directory: str | os.PathLike[str] | None = None) -> None
     >>> import optax_ema
     >>> from optax_ema import posthoc
     >>> tx = optax_ema.power_ema(optax.sgd(0.1))
-    >>> state = tx.init({"w": jnp.ones(3)})
+    >>> params = {"w": jnp.ones(3)}
+    >>> _, state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
     >>> with tempfile.TemporaryDirectory() as d:
     ...   path = posthoc.save_snapshot(d, state)
     ...   posthoc.wait_until_finished()
