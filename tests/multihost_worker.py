@@ -11,9 +11,7 @@ Importing this module does nothing but define the problem, so the test can
 compute the single-process reference with the same code.
 """
 
-import os
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_ema
+
+import processes
 
 STEPS = 3
 DEVICES_PER_PROCESS = 2
@@ -73,31 +73,9 @@ def _global_array(value, sharding):
   return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
-def main(argv):
-  process_id, num_processes, port, out_path = argv
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=int(num_processes),
-    process_id=int(process_id),
-    initialization_timeout=60,
-  )
-  try:
-    _train_and_save(int(num_processes), out_path)
-  except BaseException:
-    # Exit at once: a graceful shutdown would wait for the other processes.
-    traceback.print_exc()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-  jax.distributed.shutdown()
-
-
-def _train_and_save(num_processes, out_path):
+def _train_and_save(out_path):
   n = jax.device_count()
-  assert n == num_processes * DEVICES_PER_PROCESS, jax.devices()
+  assert n == jax.process_count() * DEVICES_PER_PROCESS, jax.devices()
   assert jax.local_device_count() == DEVICES_PER_PROCESS
   mesh = jax.sharding.Mesh(
     np.array(jax.devices()).reshape(2, n // 2), ("data", "model")
@@ -129,4 +107,4 @@ def _train_and_save(num_processes, out_path):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  processes.join(sys.argv[1:], DEVICES_PER_PROCESS, _train_and_save)

@@ -13,9 +13,7 @@ Importing this module only defines the problem, so the test computes the
 single-process run with the same code.
 """
 
-import os
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 import optax_ema
 from optax_ema import posthoc
+
+import processes
 
 STEPS = 12
 EVERY = 4
@@ -86,28 +86,6 @@ def _global_array(value, sharding):
   return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
-def main(argv):
-  process_id, num_processes, port, directory, out_path = argv
-  jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-    coordinator_address=f"127.0.0.1:{port}",
-    num_processes=int(num_processes),
-    process_id=int(process_id),
-    initialization_timeout=60,
-  )
-  try:
-    _run(directory, out_path)
-  except BaseException:
-    # Exit at once: a graceful shutdown would wait for the other processes.
-    traceback.print_exc()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-  jax.distributed.shutdown()
-
-
 def _run(directory, out_path):
   n = jax.device_count()
   assert n == jax.process_count() * DEVICES_PER_PROCESS, jax.devices()
@@ -149,4 +127,4 @@ def _run(directory, out_path):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  processes.join(sys.argv[1:], DEVICES_PER_PROCESS, _run)
