@@ -242,6 +242,12 @@ class History:
     avg_acc: test accuracy of the averaged parameters.
     raw_loss: mean test cross-entropy of the raw parameters.
     avg_loss: mean test cross-entropy of the averaged parameters.
+
+  Examples:
+    >>> from optax_ema import demo
+    >>> history = demo.History(steps=[0, 100], avg_acc=[0.1, 0.9])
+    >>> print(history.steps[-1], history.avg_acc[-1], history.raw_acc)
+    100 0.9 []
   """
 
   steps: list[int] = dataclasses.field(default_factory=list)

@@ -6,7 +6,9 @@ needs a docstring, and each of its public names (its ``__all__``, else the
 functions and classes it defines) an example.
 """
 
+import importlib
 import inspect
+import pkgutil
 
 import pytest
 
@@ -27,14 +29,17 @@ def _module_names(module):
 
 
 def _public_names():
-  names = []
-  for name in optax_ema.__all__:
-    obj = getattr(optax_ema, name)
-    if inspect.ismodule(obj):
-      names.append((name, obj))
-      names += [(f"{name}.{sub}", getattr(obj, sub)) for sub in _module_names(obj)]
-    else:
-      names.append((name, obj))
+  names = [(name, getattr(optax_ema, name)) for name in optax_ema.__all__]
+  names = [(name, obj) for name, obj in names if not inspect.ismodule(obj)]
+  # Every public submodule, exported by name or only importable (compat).
+  for info in pkgutil.iter_modules(optax_ema.__path__):
+    if info.name.startswith("_"):
+      continue
+    module = importlib.import_module(f"optax_ema.{info.name}")
+    names.append((info.name, module))
+    names += [
+      (f"{info.name}.{sub}", getattr(module, sub)) for sub in _module_names(module)
+    ]
   return names
 
 

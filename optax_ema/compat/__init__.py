@@ -9,7 +9,6 @@ never sees a name: it takes optax transformations.
 from optax_ema.compat._by_name import moving_average
 from optax_ema.compat._by_name import power_ema
 from optax_ema.compat._by_name import swa
-from optax_ema.compat._by_name import with_optimizer_names
 from optax_ema.compat._classes import SWA
 from optax_ema.compat._classes import MovingAverage
 
@@ -19,5 +18,4 @@ __all__ = [
   "moving_average",
   "power_ema",
   "swa",
-  "with_optimizer_names",
 ]
