@@ -311,12 +311,19 @@ class Engine(NamedTuple):
       )
       new_leaves.append(_offload.to_host(new) if offloaded else new)
     if slot.per_leaf:
-      w = jnp.stack([steps[i].weight(jnp.float32) for i in arrays])
+      sizes = [steps[i].weight(jnp.float32) for i in arrays]
+      w = jnp.stack(sizes) if sizes else jnp.zeros([0], jnp.float32)
     else:
-      w = steps[0].weight(jnp.float32)
+      # One rule for every leaf; asked directly when there is no leaf.
+      step = steps[0] if steps else self._slot_step(slot, count)
+      w = step.weight(jnp.float32)
     weight = None if state.weight is None else _next_weight(state.weight, w)
     new_state = SlotState(treedef.unflatten(new_leaves), weight)
     return new_state, _rules.per_step(w, self.interval)
+
+  def _slot_step(self, slot: Slot, count: jax.Array) -> _rules.StepSize:
+    """The step size of an average that is not per-leaf."""
+    return _rules.interval_step(self.make_rule(slot.decay), count, self.update_every)
 
   def _overwrite(self, updates: Any, slot: SlotState, params: Any) -> Any:
     """Updates that move the params onto the (debiased) average ``slot``."""

@@ -294,3 +294,31 @@ def test_count_saturates_instead_of_overflowing():
   assert int(state.count) == top
   # The step still averages: 1 - (1 - 0.8) * 0.5.
   np.testing.assert_allclose(state.average["w"], [0.9, 1.9], **TOL)
+
+
+@pytest.mark.parametrize("debias", [False, True])
+@pytest.mark.parametrize("params", [{}, {"w": None}], ids=["empty", "none-leaf"])
+def test_a_tree_without_arrays_still_counts_and_debiases(params, debias):
+  # Nothing to average, but the state moves on as for any tree: optax's
+  # wrappers accept empty params (a model with no trainable leaves).
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9, debias=debias)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for _ in range(3):
+    _, state = step(params, state, params)
+  assert int(state.count) == 3
+  assert optax_ema.averaged_params(state) == params
+  if debias:
+    np.testing.assert_allclose(state.average.weight, 1 - 0.9**3, rtol=1e-6)
+
+
+def test_per_leaf_decays_with_every_leaf_masked_out():
+  params = {"w": jnp.ones(2), "b": jnp.zeros(3)}
+  decay = optax_ema.schedules.per_leaf({"w": 0.9, "b": 0.5})
+  tx = optax_ema.moving_average(
+    optax.sgd(0.1), decay, debias=True, mask={"w": False, "b": False}
+  )
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)(params, state, params)
+  assert int(state.count) == 1
+  assert state.step_size.shape == (0,)  # one per averaged leaf: none
