@@ -100,10 +100,13 @@ def solve_weights(
       solution sums to zero.
 
   Examples:
+    >>> import numpy as np
     >>> from optax_ema import posthoc
     >>> c, err = posthoc.solve_weights([50, 100, 100], [6.94, 6.94, 16.97], 100, 6.94)
-    >>> print([f"{x:.3f}" for x in c], f"{err:.1e}")
-    ['0.000', '1.000', '0.000'] 0.0e+00
+    >>> print(np.round(c, 3) + 0.0)  # + 0.0 turns a rounded -0.0 into 0.0
+    [0. 1. 0.]
+    >>> print(err < 1e-7)  # zero up to the rounding of the quadratic form
+    True
 
   References:
     Karras et al., "Analyzing and Improving the Training Dynamics of
