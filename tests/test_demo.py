@@ -102,7 +102,12 @@ def test_averaged_params_beat_raw_params_at_the_end_on_defaults():
   assert len(fresh) == len(saved) >= 5
   for got, want in zip(fresh, saved, strict=True):
     assert got[:2] == want[:2]  # step and decay
-    assert got[2:4] == pytest.approx(want[2:4], abs=1.5)  # accuracies, points
+    # The averaged accuracy is what the table shows: within 1.5 points. The
+    # raw params bounce with every small batch (up to 4.4 points between
+    # neighbouring rows of one run), and another CPU's rounding changes which
+    # batch noise they end on, so the raw column is checked within 5 points.
+    assert got[3] == pytest.approx(want[3], abs=1.5)  # averaged accuracy
+    assert got[2] == pytest.approx(want[2], abs=5.0)  # raw accuracy
     assert got[4:6] == pytest.approx(want[4:6], abs=0.05)  # losses
 
 
