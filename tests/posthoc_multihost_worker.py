@@ -7,7 +7,9 @@ they train ``power_ema(adam)`` on parameters sharded over a (data, model)
 mesh whose ``data`` axis spans the processes (no array is fully addressable
 in any process), save snapshots to ``DIR`` (every process its own shards),
 reconstruct ``TARGET_SIGMA_REL`` into another sharding, check the result's
-shardings, and write the gathered result to ``OUT.npz``.
+shardings, and write the gathered result to ``OUT.npz`` with the run identity
+the process's writer recorded (agreed by all processes). Then process 1
+tries a new run in the directory, which process 0 refuses for all of them.
 
 Importing this module only defines the problem, so the test computes the
 single-process run with the same code.
@@ -64,7 +66,10 @@ def make_step(tx):
 
 
 def train(params, x, y, directory):
-  """Trains STEPS steps, saving float32 snapshots every EVERY steps."""
+  """Trains STEPS steps, saving float32 snapshots every EVERY steps.
+
+  Returns the params, the state and the run identity of the snapshots.
+  """
   tx = make_tx()
   state = jax.jit(tx.init)(params)
   step = make_step(tx)
@@ -72,14 +77,14 @@ def train(params, x, y, directory):
     for t in range(1, STEPS + 1):
       params, state = step(params, state, x, y)
       writer(state, t)
-  return params, state
+  return params, state, writer.run.identity
 
 
 def reference_run(directory):
-  """The single-process, unsharded run: the reconstruction as NumPy arrays."""
+  """The single-process, unsharded run: (the reconstruction, the run)."""
   params, x, y = problem()
-  train(jax.tree.map(jnp.asarray, params), x, y, directory)
-  return posthoc.reconstruct(directory, TARGET_SIGMA_REL)
+  *_, run = train(jax.tree.map(jnp.asarray, params), x, y, directory)
+  return posthoc.reconstruct(directory, TARGET_SIGMA_REL), run
 
 
 def _global_array(value, sharding):
@@ -100,7 +105,7 @@ def _run(directory, out_path):
   }
   batch = NamedSharding(mesh, P("data"))
   x, y = _global_array(x_np, batch), _global_array(y_np, batch)
-  _, state = train(params, x, y, directory)
+  _, state, run = train(params, x, y, directory)
   for profile in state.averages.values():
     for k, leaf in profile.items():
       assert not leaf.is_fully_addressable, k
@@ -119,9 +124,18 @@ def _run(directory, out_path):
   from jax.experimental import multihost_utils
 
   gathered = multihost_utils.process_allgather(result, tiled=True)
+  # Every process is refused a new run here, though only process 0 reads the
+  # directory and holds the lock: it broadcasts its decision.
+  refused = ""
+  try:
+    posthoc.SnapshotWriter(directory)
+  except ValueError as err:
+    refused = str(err)
   np.savez(
     out_path,
     num_devices=np.asarray(n),
+    run=np.asarray(run),
+    refused=np.asarray(refused),
     **{k: np.asarray(v) for k, v in gathered.items()},
   )
 

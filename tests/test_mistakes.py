@@ -5,6 +5,7 @@ trace time with a message that names the argument and the fix. Add a row
 for each new one.
 """
 
+import tempfile
 import warnings
 
 import jax
@@ -13,6 +14,7 @@ import optax
 import pytest
 
 import optax_ema
+from optax_ema import posthoc
 from optax_ema import schedules
 
 PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
@@ -65,6 +67,45 @@ def _extra_key():
   tx = optax_ema.moving_average(optax.sgd(0.1), 0.9)
   bigger = {**PARAMS, "c": jnp.ones(2)}
   return tx.update(bigger, tx.init(PARAMS), bigger)
+
+
+def _power_state(steps=1):
+  tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  for _ in range(steps):
+    _, state = tx.update({"w": -jnp.ones(3)}, state, params)
+  return state
+
+
+_TMP = tempfile.TemporaryDirectory()  # removed when the tests end
+
+
+def _snapshot_dir(steps=1):
+  """A fresh directory holding one run's snapshot of count ``steps``."""
+  directory = tempfile.mkdtemp(dir=_TMP.name)
+  with posthoc.SnapshotWriter(directory, dtype=jnp.float32) as writer:
+    writer.save(_power_state(steps))
+  return directory
+
+
+def _a_new_run_in_a_used_directory():
+  return posthoc.SnapshotWriter(_snapshot_dir())  # a later run, same directory
+
+
+def _a_directory_in_use():
+  directory = tempfile.mkdtemp(dir=_TMP.name)
+  with posthoc.SnapshotRun(directory):  # a run writing there
+    return posthoc.SnapshotWriter(directory)
+
+
+def _two_runs_combined():
+  return posthoc.load_snapshots([_snapshot_dir(1), _snapshot_dir(2)])
+
+
+def _a_new_head_in_like():
+  directory = _snapshot_dir(2)
+  return posthoc.reconstruct(directory, 0.07, like={"w": jnp.zeros(3), "head": 1.0})
 
 
 def _traced_update_every():
@@ -231,6 +272,50 @@ MISTAKES = [
     ["`sigma_rels`", "0.300283", "0.5"],
   ),
   (
+    "post-hoc: a new run writing to a directory of an earlier run",
+    _a_new_run_in_a_used_directory,
+    ValueError,
+    ["another training run", "`resume_from=opt_state`", "new directory"],
+  ),
+  (
+    "post-hoc: a second writer on a directory another one holds",
+    _a_directory_in_use,
+    ValueError,
+    ["in use by another snapshot writer", "holds its lock"],
+  ),
+  (
+    "post-hoc: snapshots to a gs:// bucket (cannot be locked)",
+    lambda: posthoc.SnapshotWriter("gs://bucket/snapshots"),
+    ValueError,
+    ["`directory`", "is a URL", "local or NFS directory"],
+  ),
+  (
+    "post-hoc: reading the snapshots of two runs together",
+    _two_runs_combined,
+    ValueError,
+    ["2 training runs", "at steps 1", "at steps 2"],
+  ),
+  (
+    "post-hoc: `like` with a leaf no snapshot stores (a new head)",
+    _a_new_head_in_like,
+    ValueError,
+    ["head is in `like` but in no snapshot"],
+  ),
+  (
+    "post-hoc: saving a state that holds two power_ema states",
+    lambda: posthoc.save_snapshot(
+      tempfile.mkdtemp(dir=_TMP.name), (_power_state(), _power_state())
+    ),
+    ValueError,
+    ["2 averaging states", "`posthoc.save_snapshot(directory, opt_state[0])`"],
+  ),
+  (
+    "post-hoc: snapshot_items without the directory's SnapshotRun",
+    lambda: posthoc.snapshot_items(_power_state(), "checkpoints"),
+    TypeError,
+    ["`run`", "posthoc.SnapshotRun(directory)"],
+  ),
+  (
     "an unknown keyword argument",
     lambda: optax_ema.moving_average(optax.sgd(0.1), averge_decay=0.9),
     TypeError,
@@ -385,6 +470,12 @@ WARNINGS = [
     ),
     UserWarning,
     ["is traced", "cannot be checked"],
+  ),
+  (
+    "post-hoc: a target width far outside the tracked ones",
+    lambda: posthoc.reconstruction_weights(_snapshot_dir(2), 0.01),
+    UserWarning,
+    ["sigma_rel=0.01 at step 2", "(above 0.1)", "extrapolation"],
   ),
   (
     "Keras `decay` with an optimizer by name (TFA's learning-rate decay)",

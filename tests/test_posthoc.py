@@ -10,6 +10,8 @@ released EDM2 code does, are divided by their sum. The discrete power EMA
 weighs update i of t by (i**(g+1) - (i-1)**(g+1)) / t**(g+1).
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ import pytest
 import optax_ema
 from optax_ema import posthoc
 from optax_ema.posthoc import _reconstruct
+from optax_ema.posthoc import _solver
 
 T = 1000  # steps of the synthetic runs
 EVERY = 50  # snapshot interval
@@ -175,7 +178,9 @@ def test_a_constant_parameter_reconstructs_to_itself_for_any_target(tmp_path, dt
   _drive(tmp_path, traj, every=100, dtype=dtype)  # two snapshots, as the README
   for step in (100, 200):
     for sigma_rel in (0.02, 0.07, 0.20, 0.30):
-      got = posthoc.reconstruct(tmp_path, sigma_rel, step=step)
+      with warnings.catch_warnings():  # 0.02 and 0.30 fit poorly: they warn
+        warnings.filterwarnings("ignore", "posthoc: the target", UserWarning)
+        got = posthoc.reconstruct(tmp_path, sigma_rel, step=step)
       np.testing.assert_allclose(got, 1.25, rtol=2e-6, err_msg=f"{step} {sigma_rel}")
 
 
@@ -283,3 +288,53 @@ def test_profiles_read_in_chunks_give_the_same_result(tmp_path, monkeypatch):
     np.testing.assert_array_equal(
       posthoc.reconstruct(tmp_path, 0.07, like=like)[k], whole_device[k]
     )
+
+
+# --- a warning for targets the stored profiles fit poorly ----------------------------
+
+
+def test_the_fit_error_threshold_is_a_tenth():
+  assert _solver.FIT_ERROR_WARNING == 0.1
+
+
+def test_a_poorly_fit_target_warns_exactly_when_its_fit_error_exceeds_a_tenth(
+  tmp_path,
+):
+  traj = _random_walk_with_drift(400, dim=4)
+  _drive(tmp_path, traj, every=40)  # 10 snapshots of 0.05 and 0.10
+  steps = [t for t in range(40, 401, 40) for _ in range(2)]
+  sigmas = [0.05, 0.10] * 10
+  seen = {True: 0, False: 0}
+  for sigma_rel in (0.01, 0.02, 0.03, 0.07, 0.15, 0.2, 0.25, 0.3):
+    _, err = ref_coefficients(steps, sigmas, 400, sigma_rel)
+    with warnings.catch_warnings(record=True) as record:
+      warnings.simplefilter("always")
+      fit = posthoc.reconstruction_weights(tmp_path, sigma_rel)
+      posthoc.reconstruct(tmp_path, sigma_rel)
+    assert abs(fit.fit_error - err) < 1e-6
+    poor = err > 0.1
+    seen[poor] += 1
+    assert len(record) == (2 if poor else 0), (sigma_rel, err, record)
+    for r in record:
+      assert r.category is UserWarning and r.filename == __file__
+      assert f"sigma_rel={sigma_rel:g} at step 400" in str(r.message)
+      assert f"{err:.2f} (above 0.1)" in str(r.message)
+  assert seen[True] >= 2 and seen[False] >= 2  # both sides of the threshold
+
+
+def test_a_tracked_width_at_a_snapshot_step_never_warns(walk):
+  directory, _, _ = walk
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for step in range(EVERY, T + 1, EVERY):
+      for sigma_rel in (0.05, 0.10):
+        fit = posthoc.reconstruction_weights(directory, sigma_rel, step)
+        assert fit.fit_error < 1e-6
+
+
+def test_the_warning_can_be_silenced_by_the_caller(tmp_path):
+  _drive(tmp_path, _random_walk_with_drift(200, dim=2), every=100)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    warnings.filterwarnings("ignore", "posthoc: the target", UserWarning)
+    assert posthoc.reconstruction_weights(tmp_path, 0.01).fit_error > 0.1

@@ -82,7 +82,9 @@ def test_command_line_lists_snapshots_without_reading_arrays(tmp_path, capsys):
   assert posthoc.main([str(tmp_path), "--list"]) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[0] == "3 snapshots, 2 stored leaves, 10 values each"
-  assert [line.split() for line in out[2:]] == [
+  (run,) = {s.run for s in posthoc.load_snapshots(tmp_path)}
+  assert out[1] == f"run: {run}" and len(run) == 32
+  assert [line.split() for line in out[3:]] == [
     [str(t), "float32", "0.05,", "0.1"] for t in (10, 20, 30)
   ]
 
@@ -96,6 +98,8 @@ def test_command_line_lists_snapshots_without_reading_arrays(tmp_path, capsys):
     (["{d}", "--sigma-rel", "0.5", "--out", "{d}/x"], "`--sigma-rel` must be in"),
     (["{d}", "--sigma-rel", "0.07", "--out", "{d}"], "exists already"),
     (["{d}/missing", "--list"], "does not exist"),
+    (["{d}", "--snapshots", "{d}/other", "--list"], "the snapshot directory is given"),
+    (["{d}", "--snapshots", "{d}", "--list"], "give it once"),
   ],
 )
 def test_command_line_reports_bad_input(tmp_path, capsys, argv, message):
@@ -108,3 +112,11 @@ def test_command_line_reports_a_single_profile(tmp_path, capsys):
   _snapshots(tmp_path, sigma_rels=(0.05,))
   assert posthoc.main([str(tmp_path), "--sigma-rel", "0.07", "--out", "x"]) == 2
   assert "at least two profiles" in capsys.readouterr().err
+
+
+def test_command_line_warns_once_for_a_poorly_fit_target(tmp_path):
+  _snapshots(tmp_path / "snaps")
+  proc = _cli(tmp_path / "snaps", "--sigma-rel", "0.01", "--out", tmp_path / "ema")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr.count("UserWarning") == 1, proc.stderr
+  assert "sigma_rel=0.01 at step 30" in proc.stderr

@@ -30,6 +30,7 @@ from optax_ema.posthoc import _items
 from optax_ema.posthoc import _writer
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+LOCK = ".optax_ema.posthoc.lock"  # held by process 0 while a run writes
 FINALIZE = (ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize")
 
 
@@ -83,16 +84,19 @@ def test_a_snapshot_is_a_committed_orbax_step_with_two_items(tmp_path):
   path = posthoc.save_snapshot(tmp_path, state)
   posthoc.wait_until_finished()
   assert path == tmp_path / "10" and sorted(p.name for p in tmp_path.iterdir()) == [
-    "10"
+    LOCK,
+    "10",
   ]
   meta = json.loads((path / "power_ema_meta" / "metadata").read_text())
+  run = meta.pop("run")
   assert meta == {
-    "format": "optax_ema.posthoc/2",
+    "format": "optax_ema.posthoc/3",
     "step": 10,
     "keys": ["0.05", "0.1"],
     "sigma_rels": [0.05, 0.1],
     "dtype": "float16",
   }
+  assert len(run) == 32 and int(run, 16) >= 0  # a uuid4 hex
   # Plain Orbax reads it back: {repr(sigma_rel): tree like the params}.
   metadata = ocp.PyTreeCheckpointHandler().metadata(path / "power_ema").tree
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
@@ -129,7 +133,7 @@ def test_save_returns_before_the_write_commits(tmp_path, monkeypatch):
     path = posthoc.save_snapshot(tmp_path, state)
     assert parked.wait(30)  # the background write reached its commit
     assert not path.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["5" + TMP_SUFFIX]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK, "5" + TMP_SUFFIX]
     params, state = _climb(params, 1)  # training goes on meanwhile
   finally:
     gate.set()
@@ -233,11 +237,14 @@ def test_a_writer_killed_mid_write_leaves_a_readable_directory(tmp_path):
   assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [10, 20]  # ignored
   got = posthoc.reconstruct(tmp_path, 0.10)
   np.testing.assert_allclose(got["w"], _power_average_of_steps(20, 0.10), rtol=1e-3)
-  # A new writer removes the leftover and carries on.
-  _, state = _climb({"w": jnp.zeros(1000)}, 30, optax_ema.power_ema(optax.sgd(1.0)))
-  with posthoc.SnapshotWriter(tmp_path) as writer:
+  # The killed process's lock is gone with it: the run continues from its
+  # checkpoint of count 20, and its writer removes the leftover.
+  _, state = _climb({"w": jnp.zeros(1000)}, 20, optax_ema.power_ema(optax.sgd(1.0)))
+  with posthoc.SnapshotWriter(tmp_path, resume_from=state) as writer:
+    _, state = _climb({"w": jnp.zeros(1000)}, 30, optax_ema.power_ema(optax.sgd(1.0)))
     writer.save(state)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "20", "30"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK, "10", "20", "30"]
+  assert len({s.run for s in posthoc.load_snapshots(tmp_path)}) == 1
 
 
 # --- shardings ------------------------------------------------------------------
@@ -308,7 +315,7 @@ def test_offloaded_profiles_are_cast_where_they_live(tmp_path):
     averages={k: {"w": jax.device_put(v["w"], host)} for k, v in state.averages.items()}
   )
   assert state.averages["0.05"]["w"].sharding.memory_kind == "pinned_host"
-  _, tree, _ = _items.storage_tree(state, np.float16, "test")
+  _, tree, _ = _items.storage_tree(state, np.float16, "test", None)
   for profile in tree.values():
     assert profile["w"].dtype == np.float16
     assert profile["w"].sharding == host  # same spec and memory kind
@@ -363,6 +370,38 @@ def test_like_without_a_value_where_nothing_is_stored_is_an_error(tmp_path):
     posthoc.reconstruct(tmp_path, 0.05, like=like)
 
 
+def test_like_with_a_leaf_no_snapshot_stores_is_an_error(tmp_path):
+  # A new head added after training: not silently taken from `like`.
+  params = _masked_run(tmp_path)
+  like = {**params, "head": jnp.ones(4)}
+  with pytest.raises(ValueError, match=r"head is in `like` but in no snapshot"):
+    posthoc.reconstruct(tmp_path, 0.05, like=like)
+  nested = {**params, "extra": {"a": jnp.ones(2), "b": jnp.ones(2)}}
+  with pytest.raises(ValueError, match=r"extra/a, extra/b are in `like`"):
+    posthoc.reconstruct(tmp_path, 0.05, like=nested)
+  # A masked-out leaf is stored as None: `like` supplies it (no error).
+  got = posthoc.reconstruct(tmp_path, 0.05, like=params)
+  assert got["frozen"] is params["frozen"]
+
+
+def test_two_power_ema_states_are_refused_with_a_call_that_fits(tmp_path):
+  tx = optax_ema.power_ema(optax.sgd(1.0))
+  params = {"w": jnp.zeros(2)}
+  _, one = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+  with pytest.raises(ValueError) as excinfo:
+    posthoc.save_snapshot(tmp_path, (one, one))
+  message = str(excinfo.value)
+  assert "2 averaging states" in message
+  assert "`posthoc.save_snapshot(directory, opt_state[0])`" in message
+  with posthoc.SnapshotWriter(tmp_path) as writer:
+    with pytest.raises(ValueError, match=r"`writer\.save\(opt_state\[0\]\)`"):
+      writer.save((one, one))
+  with posthoc.SnapshotRun(tmp_path / "items") as run:
+    with pytest.raises(ValueError, match=r"snapshot_items\(opt_state\[0\], run\)"):
+      posthoc.snapshot_items([one, one], run)
+  posthoc.save_snapshot(tmp_path / "fixed", (one, one)[0])  # the fix works
+
+
 def test_like_of_another_structure_or_shape_is_an_error(tmp_path):
   _, state = _climb({"w": jnp.zeros(3)}, 4)
   posthoc.save_snapshot(tmp_path, state)
@@ -381,17 +420,19 @@ def test_snapshot_items_fit_in_your_own_checkpoint_manager(tmp_path):
   tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
   params = {"w": jnp.zeros(2)}
   state = tx.init(params)
-  with ocp.CheckpointManager(tmp_path) as manager:
+  with posthoc.SnapshotRun(tmp_path) as run, ocp.CheckpointManager(tmp_path) as manager:
     for step in range(1, 7):
       updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
       params = optax.apply_updates(params, updates)
       items = {"params": ocp.args.StandardSave(params)}
       if step % 2 == 0:  # every other checkpoint is also a snapshot
-        items |= posthoc.snapshot_items(state)
+        items |= posthoc.snapshot_items(state, run)
       manager.save(step, args=ocp.args.Composite(**items))
     manager.wait_until_finished()
     assert manager.all_steps() == [1, 2, 3, 4, 5, 6]
-  assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [2, 4, 6]
+  snaps = posthoc.load_snapshots(tmp_path)
+  assert [s.step for s in snaps] == [2, 4, 6]
+  assert {s.run for s in snaps} == {run.identity} and len(run.identity) == 32
   got = posthoc.reconstruct(tmp_path, 0.10)
   np.testing.assert_allclose(got["w"], _power_average_of_steps(6, 0.10), rtol=1e-3)
 
@@ -413,7 +454,8 @@ def test_steps_must_increase(tmp_path):
     writer.save(state20)
     with pytest.raises(ValueError, match="of count 20 and cannot take one of count 10"):
       writer.save(state10)
-  with posthoc.SnapshotWriter(tmp_path) as writer:  # also across writers
+  # Also across writers of the run.
+  with posthoc.SnapshotWriter(tmp_path, resume_from=state20) as writer:
     with pytest.raises(ValueError, match="holds the snapshot of count 20: the state"):
       writer.save(state20)
 

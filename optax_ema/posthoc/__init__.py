@@ -11,7 +11,7 @@ command line::
   python -m optax_ema.posthoc DIR --list
   python -m optax_ema.posthoc DIR --sigma-rel 0.07 --out OUT
 
-Snapshots are Orbax checkpoints (format ``optax_ema.posthoc/2``): a snapshot
+Snapshots are Orbax checkpoints (format ``optax_ema.posthoc/3``): a snapshot
 is the committed step ``PowerEmaState.count`` of an Orbax checkpoint
 directory, holding two items,
 
@@ -20,7 +20,13 @@ directory, holding two items,
   storage dtype (float16 by default), other arrays (integers) as their
   latest value, ``None`` at masked-out, ``None`` and PRNG-key leaves;
 - ``power_ema_meta``: JSON ``{"format", "step", "keys", "sigma_rels",
-  "dtype"}``.
+  "dtype", "run"}``, ``run`` the identity of the training run.
+
+A directory belongs to one training run (:class:`SnapshotRun`): its writer
+locks it, refuses another run's snapshots unless told to continue that run
+(``resume_from=``), and :func:`load_snapshots` refuses to combine runs.
+Directories of format ``optax_ema.posthoc/2`` (no run identity) are still
+read.
 
 Orbax writes each step into a temporary directory and commits it by an atomic
 rename, so a step that is not committed is never read. Each process writes
@@ -39,6 +45,7 @@ from optax_ema._power_math import sigma_rel_to_gamma
 from optax_ema.posthoc._cli import main
 from optax_ema.posthoc._items import snapshot_items
 from optax_ema.posthoc._reconstruct import reconstruct
+from optax_ema.posthoc._run import SnapshotRun
 from optax_ema.posthoc._snapshots import Snapshot
 from optax_ema.posthoc._snapshots import load_snapshots
 from optax_ema.posthoc._solver import ReconstructionWeights
@@ -51,6 +58,7 @@ from optax_ema.posthoc._writer import wait_until_finished
 __all__ = [
   "ReconstructionWeights",
   "Snapshot",
+  "SnapshotRun",
   "SnapshotWriter",
   "gamma_to_sigma_rel",
   "load_snapshots",

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
   )
   parser.add_argument("directory", nargs="?", help="the snapshot directory")
   parser.add_argument(
-    "--snapshots", dest="snapshots", help="the snapshot directory (alias)"
+    "--snapshots",
+    dest="snapshots",
+    help="the snapshot directory (instead of the positional argument)",
   )
   parser.add_argument(
     "--list", action="store_true", help="list steps and profiles, read no arrays"
@@ -39,6 +41,9 @@ def _list(snaps: Sequence[_snapshots.Snapshot]) -> None:
   flat = ocp.tree.to_flat_dict(snaps[0].tree)
   size = sum(int(np.prod(v.shape)) for v in flat.values())
   print(f"{len(snaps)} snapshots, {len(flat)} stored leaves, {size} values each")
+  # load_snapshots refuses several runs: the snapshots share one.
+  run = snaps[0].run
+  print(f"run: {run if run is not None else 'none (format optax_ema.posthoc/2)'}")
   print(f"{'step':>12}  {'dtype':>8}  sigma_rels")
   for s in snaps:
     sigmas = ", ".join(f"{x:g}" for x in s.sigma_rels)
@@ -75,18 +80,19 @@ def _write(
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line: ``python -m optax_ema.posthoc DIR --sigma-rel S --out OUT``.
 
-  ``--list`` prints the snapshot steps and tracked profiles (no array is
-  read). Otherwise prints the coefficient of every stored profile and the fit
-  error, and writes the synthesized parameters (NumPy, the stored structure)
-  to ``--out`` as an Orbax checkpoint (restore it with
+  ``--list`` prints the run identity, the snapshot steps and tracked
+  profiles (no array is read). Otherwise prints the coefficient of every
+  stored profile and the fit error, and writes the synthesized parameters
+  (NumPy, the stored structure) to ``--out`` as an Orbax checkpoint (restore
+  it with
   ``ocp.StandardCheckpointer().restore(OUT)``; its custom metadata holds
   ``sigma_rel``, ``step`` and ``fit_error``).
 
   Args:
     argv: the arguments (default: ``sys.argv[1:]``): the snapshot directory
-      (or ``--snapshots DIR``), then ``--list``, or ``--sigma-rel FLOAT`` and
-      ``--out DIR`` and optionally ``--step INT`` (a snapshot step; default:
-      the last one).
+      (or ``--snapshots DIR``, not both), then ``--list``, or
+      ``--sigma-rel FLOAT`` and ``--out DIR`` and optionally ``--step INT``
+      (a snapshot step; default: the last one).
 
   Returns:
     The exit status (0 on success, 2 on bad input).
@@ -112,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ...     [f"{d}/snaps", "--sigma-rel", "0.07", "--out", f"{d}/ema"]
     ...   )
     2 snapshots, 1 stored leaves, 2 values each
+    run: ...
             step     dtype  sigma_rels
               20   float16  0.05, 0.1
               40   float16  0.05, 0.1
@@ -126,6 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   """
   parser = _parser()
   args = parser.parse_args(argv)
+  if args.directory is not None and args.snapshots is not None:
+    parser.print_usage(sys.stderr)
+    print(
+      f"error: the snapshot directory is given twice ({args.directory!r} and "
+      f"--snapshots {args.snapshots!r}): give it once, as DIR or --snapshots DIR",
+      file=sys.stderr,
+    )
+    return 2
   directory = args.directory or args.snapshots
   if directory is None:
     parser.print_usage(sys.stderr)
@@ -144,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists():
       raise ValueError(f"`--out` {str(out)!r} exists already: choose a new path.")
     weights = _solver.select_weights(snaps, args.sigma_rel, args.step)
-    params = _reconstruct.reconstruct(snaps, args.sigma_rel, args.step)
+    params = _reconstruct.combine(snaps, weights)
   except (ValueError, TypeError) as err:
     # The messages name the function's arguments; here they are flags.
     message = str(err)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.compute_on import compute_on
 
+from optax_ema.posthoc import _run
 from optax_ema.posthoc import _snapshots
 from optax_ema.posthoc import _state
 from optax_ema.posthoc._orbax import ocp
@@ -105,8 +106,12 @@ def _first_value(x: jax.Array) -> Any:
   return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x
 
 
-def storage_tree(opt_state: Any, dtype: Any, caller: str) -> tuple[int, Any, dict]:
+def storage_tree(
+  opt_state: Any, dtype: Any, caller: str, run: str | None
+) -> tuple[int, Any, dict]:
   """``(step, {key: stored profile}, meta)`` for the power-EMA state inside.
+
+  ``run`` is the identity of the run, recorded in ``meta``.
 
   Raises ValueError when a stored average is not finite (e.g. float16
   overflow).
@@ -141,6 +146,7 @@ def storage_tree(opt_state: Any, dtype: Any, caller: str) -> tuple[int, Any, dic
     "keys": keys,
     "sigma_rels": sigma_rels,
     "dtype": storage.name,
+    "run": run,
   }
   return step, tree, meta
 
@@ -161,19 +167,25 @@ def _check_finite(arrays: list[jax.Array], paths: list[Any], storage: np.dtype) 
     )
 
 
-def snapshot_items(opt_state: Any, *, dtype: Any = np.float16) -> dict[str, Any]:
+def snapshot_items(
+  opt_state: Any, run: _run.SnapshotRun, *, dtype: Any = np.float16
+) -> dict[str, Any]:
   """The Orbax items of a snapshot, to save with your own CheckpointManager.
 
   For a training loop that already checkpoints with an
-  ``orbax.checkpoint.CheckpointManager``: add these items to the
+  ``orbax.checkpoint.CheckpointManager``: claim the manager's directory for
+  this run with a :class:`SnapshotRun` (as a :class:`SnapshotWriter` does:
+  it refuses a directory holding another run's snapshots, locks it, and
+  gives the run identity every snapshot records), add these items to the
   ``ocp.args.Composite`` of the steps that should also be snapshots, and
   read them with :func:`load_snapshots` / :func:`reconstruct` on that
-  manager's directory. Keep every such step (no ``max_to_keep`` that would
-  delete them), or write snapshots to a directory of their own with
+  directory. Keep every such step (no ``max_to_keep`` that would delete
+  them), or write snapshots to a directory of their own with
   :class:`SnapshotWriter` instead.
 
   Args:
     opt_state: an optimizer state holding one :class:`optax_ema.PowerEmaState`.
+    run: the open :class:`SnapshotRun` of the manager's directory.
     dtype: storage dtype of the averaged leaves (float16 by default, as EDM2).
 
   Returns:
@@ -181,8 +193,9 @@ def snapshot_items(opt_state: Any, *, dtype: Any = np.float16) -> dict[str, Any]
     ocp.args.JsonSave(...)}``.
 
   Raises:
+    TypeError: ``run`` is not a :class:`SnapshotRun`.
     ValueError: no power-EMA state in ``opt_state``; a stored average is not
-      finite in ``dtype``.
+      finite in ``dtype``; ``run`` is closed.
 
   Examples:
     >>> import tempfile
@@ -195,18 +208,30 @@ def snapshot_items(opt_state: Any, *, dtype: Any = np.float16) -> dict[str, Any]
     >>> tx = optax_ema.power_ema(optax.sgd(1.0))
     >>> state = tx.init(params)
     >>> with tempfile.TemporaryDirectory() as d:
-    ...   with ocp.CheckpointManager(d) as manager:
+    ...   with posthoc.SnapshotRun(d) as run, ocp.CheckpointManager(d) as manager:
     ...     for step in range(1, 5):
     ...       updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
     ...       params = optax.apply_updates(params, updates)
     ...       _ = manager.save(step, args=ocp.args.Composite(
     ...         params=ocp.args.StandardSave(params),
-    ...         **posthoc.snapshot_items(state),
+    ...         **posthoc.snapshot_items(state, run),
     ...       ))
     ...   print([s.step for s in posthoc.load_snapshots(d)])
     [1, 2, 3, 4]
   """
-  _, tree, meta = storage_tree(opt_state, dtype, "snapshot_items")
+  if not isinstance(run, _run.SnapshotRun):
+    raise TypeError(
+      f"`run` must be the posthoc.SnapshotRun of the checkpoint directory, got "
+      f"{type(run).__name__}: open one with "
+      "`with posthoc.SnapshotRun(directory) as run:` around your "
+      "CheckpointManager."
+    )
+  if run.closed:
+    raise ValueError(
+      f"`run` ({str(run.directory)!r}) is closed: save snapshot items inside "
+      "its `with` block."
+    )
+  _, tree, meta = storage_tree(opt_state, dtype, "snapshot_items", run.identity)
   return {
     _snapshots.ITEM: ocp.args.PyTreeSave(tree),
     _snapshots.META_ITEM: ocp.args.JsonSave(meta),

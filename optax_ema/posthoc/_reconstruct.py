@@ -138,6 +138,19 @@ def _plan(
       f"`like` does not have the structure of the snapshots: {'/'.join(missing[0])} "
       "is stored in the snapshots but missing from `like`."
     )
+  # The stored tree keeps None where a leaf is not stored (masked out, None,
+  # PRNG key): a leaf of `like` that is not in it at all is new (a None leaf
+  # of `like` carries no value and comes back as None).
+  known = ocp.tree.to_flat_dict(snap.tree, is_leaf=_state.is_none)
+  absent = sorted(k for k in set(index) - set(known) if leaves[index[k]] is not None)
+  if absent:
+    names = ", ".join("/".join(k) for k in absent[:3])
+    raise ValueError(
+      f"`like` does not have the structure of the snapshots: {names} "
+      f"{'is' if len(absent) == 1 else 'are'} in `like` but in no snapshot "
+      "(a parameter added after the snapshots were taken?). Reconstruct with "
+      "`like` of the trained parameters' structure, then add the new leaves."
+    )
   for k, i in index.items():
     leaf = leaves[i]
     stored = averaged.get(k, latest.get(k))
@@ -282,8 +295,13 @@ def reconstruct(
 
   Raises:
     ValueError: see :func:`reconstruction_weights`; ``like`` with another
-      structure or other shapes than the snapshots, or without a value where
-      the snapshots store none.
+      structure or other shapes than the snapshots (a leaf the snapshots
+      store that ``like`` lacks, or one of ``like`` that no snapshot has), or
+      without a value where the snapshots store none.
+
+  Warns:
+    UserWarning: the fit error of the target profile is above 0.1, as for
+      :func:`reconstruction_weights`.
 
   Examples:
     >>> import tempfile
@@ -312,6 +330,15 @@ def reconstruct(
   """
   snaps = _snapshots.load_snapshots(directory_or_snapshots)
   weights = _solver.select_weights(snaps, sigma_rel, step)
+  return combine(snaps, weights, like)
+
+
+def combine(
+  snaps: Sequence[_snapshots.Snapshot],
+  weights: _solver.ReconstructionWeights,
+  like: Any = None,
+) -> Any:
+  """The weighted sum of stored profiles (``reconstruct`` once weighed)."""
   if like is None:
     return _host(snaps, weights)
   return _sharded(snaps, weights, like)

@@ -25,7 +25,8 @@ import numpy as np
 from optax_ema import _power_math
 from optax_ema.posthoc._orbax import ocp
 
-FORMAT = "optax_ema.posthoc/2"
+FORMAT = "optax_ema.posthoc/3"
+FORMAT_2 = "optax_ema.posthoc/2"  # before run identities: still read
 ITEM = "power_ema"
 META_ITEM = "power_ema_meta"
 
@@ -47,6 +48,8 @@ class Snapshot(NamedTuple):
       stores any pytree) of ``jax.ShapeDtypeStruct``, ``None`` where nothing
       is stored (masked-out, ``None`` and PRNG-key leaves).
     path: the Orbax step directory.
+    run: the identity of the training run that wrote it (a 32-digit hex
+      string); ``None`` for snapshots of format ``optax_ema.posthoc/2``.
 
   Examples:
     >>> import tempfile
@@ -62,6 +65,8 @@ class Snapshot(NamedTuple):
     ...   (snap,) = posthoc.load_snapshots(d)
     >>> print(snap.step, snap.sigma_rels, snap.keys, snap.dtype, snap.tree["w"].shape)
     1 [0.05 0.1 ] ('0.05', '0.1') float16 (3,)
+    >>> print(len(snap.run))
+    32
   """
 
   step: int
@@ -71,6 +76,7 @@ class Snapshot(NamedTuple):
   dtype: str
   tree: Any
   path: pathlib.Path
+  run: str | None = None
 
 
 class _Writer(Protocol):
@@ -94,7 +100,7 @@ def wait_for_writers(directory: pathlib.Path | None = None) -> None:
     w.wait_until_finished()
 
 
-def _read(step_dir: pathlib.Path) -> Snapshot:
+def read(step_dir: pathlib.Path) -> Snapshot:
   # A committed step never changes: read each once per process (Orbax's
   # metadata reader holds on to memory at every call).
   stat = (step_dir / META_ITEM).stat()
@@ -107,7 +113,7 @@ def _read_once(step_dir: pathlib.Path, inode: int, mtime_ns: int) -> Snapshot:
   meta = ocp.JsonCheckpointHandler().restore(step_dir / META_ITEM)
   if (
     not isinstance(meta, Mapping)
-    or meta.get("format") != FORMAT
+    or meta.get("format") not in (FORMAT, FORMAT_2)
     or not (step_dir / ITEM).is_dir()
   ):
     raise ValueError(
@@ -137,6 +143,7 @@ def _read_once(step_dir: pathlib.Path, inode: int, mtime_ns: int) -> Snapshot:
     dtype=str(meta["dtype"]),
     tree=specs[0],
     path=step_dir,
+    run=meta.get("run"),
   )
 
 
@@ -146,7 +153,7 @@ def _signature(tree: Any) -> dict[Key, tuple[tuple[int, ...], str]]:
   }
 
 
-def _step_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
+def step_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
   if (directory / META_ITEM).is_dir():
     return [directory]  # one step directory
   committed = ocp.path.step.checkpoint_steps_paths(directory)
@@ -157,13 +164,21 @@ def _step_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
   )
 
 
+def list_steps(steps: Iterable[int]) -> str:
+  """Steps for a message: all of them, or the first and last few."""
+  shown = [str(s) for s in steps]
+  if len(shown) > 12:
+    shown = [*shown[:6], "...", *shown[-5:]]
+  return ", ".join(shown)
+
+
 def _from_directory(directory: PathLike) -> list[Snapshot]:
   path = pathlib.Path(directory)
   wait_for_writers(path)
   wait_for_writers(path.parent)  # ``path`` may be one step of a directory
   if not path.is_dir():
     raise ValueError(f"The snapshot directory {str(path)!r} does not exist.")
-  found = [_read(p) for p in _step_dirs(path)]
+  found = [read(p) for p in step_dirs(path)]
   if not found:
     raise ValueError(
       f"The snapshot directory {str(path)!r} holds no snapshots (committed Orbax "
@@ -191,7 +206,9 @@ def load_snapshots(
 
   Raises:
     ValueError: a directory does not exist or holds no snapshot; two
-      snapshots have the same step; snapshots store different trees.
+      snapshots have the same step; snapshots store different trees;
+      snapshots of several training runs (the message lists each run's
+      identity and steps).
 
   Examples:
     >>> import tempfile
@@ -232,12 +249,6 @@ def load_snapshots(
 def _check_consistent(snaps: list[Snapshot]) -> None:
   first = snaps[0]
   reference = _signature(first.tree)
-  for prev, snap in itertools.pairwise(snaps):
-    if snap.step == prev.step:
-      raise ValueError(
-        f"Two snapshots have step {snap.step} ({str(prev.path)!r} and "
-        f"{str(snap.path)!r}): pass each once."
-      )
   for snap in snaps[1:]:
     other = _signature(snap.tree)
     if other == reference:
@@ -255,6 +266,38 @@ def _check_consistent(snaps: list[Snapshot]) -> None:
       f"{other[key]} in {str(snap.path)!r} but {reference[key]} in "
       f"{str(first.path)!r} (shape, dtype)."
     )
+  runs: dict[str | None, list[Snapshot]] = {}
+  for snap in snaps:
+    runs.setdefault(snap.run, []).append(snap)
+  if len(runs) > 1:
+    listing = "; ".join(
+      f"{describe_run(run)} at steps {list_steps(s.step for s in group)} "
+      f"(in {_folders(group)})"
+      for run, group in runs.items()
+    )
+    raise ValueError(
+      f"The snapshots belong to {len(runs)} training runs: {listing}. "
+      "Combining them would average unrelated trajectories: pass the "
+      "snapshots of one run, or move each run's step directories to a "
+      "directory of its own."
+    )
+  for prev, snap in itertools.pairwise(snaps):
+    if snap.step == prev.step:
+      raise ValueError(
+        f"Two snapshots have step {snap.step} ({str(prev.path)!r} and "
+        f"{str(snap.path)!r}): pass each once."
+      )
+
+
+def describe_run(run: str | None) -> str:
+  if run is None:
+    return f"a run without identity (format {FORMAT_2!r})"
+  return f"run {run}"
+
+
+def _folders(group: list[Snapshot]) -> str:
+  folders = sorted({str(s.path.parent) for s in group})
+  return ", ".join(repr(f) for f in folders[:3]) + (", ..." if len(folders) > 3 else "")
 
 
 def restore_profile(

@@ -12,6 +12,7 @@ from typing import Any
 
 from optax_ema._power_ema import PowerEmaState
 from optax_ema._reading import find_average_state
+from optax_ema._reading import find_average_states
 from optax_ema._tree_utils import is_key
 from optax_ema._tree_utils import is_none
 from optax_ema._tree_utils import is_none_or_masked
@@ -25,6 +26,15 @@ __all__ = [
   "is_none_or_masked",
   "keystr",
 ]
+
+
+# How each caller is called with one state of several, for the message.
+_CALLS = {
+  "save_snapshot": "posthoc.save_snapshot(directory, {state})",
+  "SnapshotWriter.save": "writer.save({state})",
+  "snapshot_items": "posthoc.snapshot_items({state}, run)",
+  "SnapshotRun": "SnapshotRun(directory, resume_from={state})",
+}
 
 
 def find_power_state(opt_state: Any, caller: str) -> PowerEmaState:
@@ -45,6 +55,15 @@ def find_power_state(opt_state: Any, caller: str) -> PowerEmaState:
     ValueError: there is no averaging state, more than one, or it is not
       the state of ``power_ema``.
   """
+  found = find_average_states(opt_state)
+  if len(found) > 1:
+    where = ", ".join(f"{type(s).__name__} at opt_state{keystr(p)}" for p, s in found)
+    first = f"opt_state{keystr(found[0][0])}"
+    call = _CALLS.get(caller, caller + "({state})").format(state=first)
+    raise ValueError(
+      f"`{caller}` found {len(found)} averaging states in `opt_state`: {where}; "
+      f"a snapshot holds one power_ema state: pass it, e.g. `{call}`."
+    )
   state = find_average_state(opt_state, caller)
   if not isinstance(state, PowerEmaState):
     raise ValueError(

@@ -5,7 +5,8 @@ its directory. Each save casts the profiles where they live, lets Orbax copy
 them to the host, and returns while Orbax writes in the background (every
 process its own shards) and commits the step by an atomic rename. One writer
 per directory and process; reads of that directory in the same process wait
-for its pending writes.
+for its pending writes. A writer belongs to one training run: it claims its
+directory with a :class:`SnapshotRun` (identity and lock, see ``_run``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from optax_ema.posthoc import _items
+from optax_ema.posthoc import _run
 from optax_ema.posthoc import _snapshots
 from optax_ema.posthoc._orbax import ocp
 
@@ -43,17 +45,36 @@ class SnapshotWriter:
   ``with`` block, or call :meth:`close` / :meth:`wait_until_finished`, to wait
   for the last write; reads of ``directory`` in this process wait for it too.
 
+  A directory belongs to one training run: every snapshot records the run's
+  identity (:attr:`Snapshot.run`), and the writer holds a lock on the
+  directory while it is open (see :class:`SnapshotRun`), so a second writer,
+  in any process, is refused. A directory that holds snapshots of an earlier
+  run is refused too, unless this run continues that one: when training
+  resumes from a checkpoint, pass the restored state as ``resume_from``; the
+  snapshots newer than its count (written after that checkpoint) are moved
+  to a sibling folder, with a warning.
+
   Args:
-    directory: the snapshot directory (created if needed). It belongs to the
-      writer: temporary directories left there by interrupted writes are
-      removed when it opens.
+    directory: the snapshot directory (created if needed), on a local disk or
+      NFS (an object store URL such as ``gs://`` is refused: it cannot be
+      locked). It belongs to the writer: temporary directories left there by
+      interrupted writes are removed when it opens.
     every: for ``writer(state, step)``: save when ``step % every == 0``.
       ``None`` (default) saves only through :meth:`save`.
     dtype: storage dtype of the averaged leaves (float16 by default, as EDM2).
+    resume_from: ``None`` (default) for a new run; to continue the run whose
+      snapshots ``directory`` holds, the optimizer state restored from its
+      checkpoint (or its ``PowerEmaState.count``), as for
+      :class:`SnapshotRun`.
+
+  Attributes:
+    run: the :class:`SnapshotRun` (``run.identity`` is the run identity).
 
   Raises:
     ValueError: bad ``every`` or ``dtype``; another open writer of this
-      process already writes to ``directory``.
+      process already writes to ``directory``; ``directory`` is in use by
+      another process, or holds another run's snapshots (pass
+      ``resume_from=`` to continue that run).
 
   Examples:
     >>> import tempfile
@@ -80,33 +101,56 @@ class SnapshotWriter:
     every: int | None = None,
     *,
     dtype: Any = np.float16,
+    resume_from: Any = None,
+    _stacklevel: int = 3,  # SnapshotRun's warnings point at the caller
   ) -> None:
     self.every = _check_every(every)
     self.dtype = _items.check_storage_dtype(dtype)
-    self.directory = pathlib.Path(directory).resolve()
+    self.directory = _run.local_directory(directory)
     self._implicit = False
+    self._manager: Any = None
+    self.run: _run.SnapshotRun | None = None
     previous = _snapshots.OPEN_WRITERS.get(self.directory)
     if isinstance(previous, SnapshotWriter) and previous._implicit:
-      previous.close()
+      # The process's own run, opened by save_snapshot: carry it on.
+      run = previous._release_run()
     elif previous is not None:
       raise ValueError(
         f"{str(self.directory)!r} already has an open SnapshotWriter in this "
         "process: save through it, or close it first."
       )
+    else:
+      run = _run.SnapshotRun(
+        self.directory, resume_from=resume_from, _stacklevel=_stacklevel
+      )
+    self.run = run
     options = ocp.CheckpointManagerOptions(
       max_to_keep=None,
       enable_async_checkpointing=True,
       cleanup_tmp_directories=True,
       create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    except BaseException:
+      run.close()
+      raise
     self._last = max(self._manager.all_steps(), default=None)
     _snapshots.OPEN_WRITERS[self.directory] = self
 
-  def _save(self, opt_state: Any, dtype: Any, caller: str) -> int:
-    if self._manager is None:
+  def _release_run(self) -> _run.SnapshotRun:
+    """Closes this writer but keeps its run open, for the next writer."""
+    run, self.run = self.run, None
+    self.close()
+    assert run is not None
+    return run
+
+  def _save(self, opt_state: Any, dtype: Any, caller: str, stored: Any = None) -> int:
+    if self._manager is None or self.run is None:
       raise ValueError(f"This SnapshotWriter of {str(self.directory)!r} is closed.")
-    step, tree, meta = _items.storage_tree(opt_state, dtype, caller)
+    if stored is None:
+      stored = _items.storage_tree(opt_state, dtype, caller, self.run.identity)
+    step, tree, meta = stored
     if step == 0:
       raise ValueError(
         f"`{caller}` got a power_ema state that has averaged nothing yet (its "
@@ -124,7 +168,8 @@ class SnapshotWriter:
         f"{str(self.directory)!r} already holds a snapshot of count {self._last} "
         f"and cannot take one of count {step} (counts must increase): "
         "snapshots from a run that was resumed from an earlier checkpoint "
-        "belong to another trajectory; delete them, or save to a new directory."
+        "belong to another trajectory: open the writer with "
+        "`resume_from=opt_state` (the restored state), which moves them aside."
       )
     self._manager.save(
       step,
@@ -177,12 +222,16 @@ class SnapshotWriter:
       self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for the pending writes and releases the directory."""
+    """Waits for the pending writes and releases the directory (its lock)."""
     manager, self._manager = self._manager, None
     if _snapshots.OPEN_WRITERS.get(self.directory) is self:
       del _snapshots.OPEN_WRITERS[self.directory]
-    if manager is not None:
-      manager.close()
+    try:
+      if manager is not None:
+        manager.close()
+    finally:
+      if self.run is not None:
+        self.run.close()
 
   def __enter__(self) -> SnapshotWriter:
     return self
@@ -192,7 +241,11 @@ class SnapshotWriter:
 
 
 def save_snapshot(
-  directory: str | os.PathLike[str], opt_state: Any, *, dtype: Any = np.float16
+  directory: str | os.PathLike[str],
+  opt_state: Any,
+  *,
+  dtype: Any = np.float16,
+  resume_from: Any = None,
 ) -> pathlib.Path:
   """Saves a snapshot of the power-EMA profiles to ``directory``, asynchronously.
 
@@ -200,12 +253,16 @@ def save_snapshot(
   open writer of ``directory``, opening one on first use. It returns before
   the write commits; :func:`wait_until_finished` waits for it, and so do
   :func:`load_snapshots` and :func:`reconstruct` on the same directory (and
-  the end of the process).
+  the end of the process). The writer, and with it the directory's lock and
+  run identity, stays open until the process exits.
 
   Args:
     directory: the snapshot directory (created if needed).
     opt_state: an optimizer state holding one :class:`optax_ema.PowerEmaState`.
     dtype: storage dtype of the averaged leaves (float16 by default).
+    resume_from: used by the call that opens the directory (the first in this
+      process): to continue the run whose snapshots it holds, the optimizer
+      state restored from its checkpoint, as for :class:`SnapshotWriter`.
 
   Returns:
     The Orbax step directory the snapshot is committed to,
@@ -229,12 +286,19 @@ def save_snapshot(
     ...   print(path.name, path.is_dir())
     1 True
   """
-  path = pathlib.Path(directory).resolve()
+  path = _run.local_directory(directory)
   writer = _snapshots.OPEN_WRITERS.get(path)
-  if not isinstance(writer, SnapshotWriter):
-    writer = SnapshotWriter(path, dtype=dtype)
-    writer._implicit = True
-  step = writer._save(opt_state, dtype, "save_snapshot")
+  if isinstance(writer, SnapshotWriter):
+    step = writer._save(opt_state, dtype, "save_snapshot")
+    return path / str(step)
+  # Checks the state before claiming the directory: a refused state leaves
+  # nothing behind.
+  stored = _items.storage_tree(opt_state, dtype, "save_snapshot", None)
+  writer = SnapshotWriter(path, dtype=dtype, resume_from=resume_from, _stacklevel=4)
+  writer._implicit = True
+  assert writer.run is not None
+  stored[2]["run"] = writer.run.identity
+  step = writer._save(opt_state, dtype, "save_snapshot", stored)
   return path / str(step)
 
 
