@@ -8,7 +8,8 @@ rounding, when to move) and lets it do the work:
 - :meth:`Engine.init` builds the averages from the params;
 - :meth:`Engine.update` decides whether this step averages (the wrapped
   optimizer applied an update, the step is on the ``update_every`` grid, the
-  rule moves, the step is finite), and if so moves every average in one
+  rule moves, every decay given is in [0, 1], the step is finite), and if
+  so moves every average in one
   pass over the leaves, inside a ``lax.cond`` whose other branch forwards the
   buffers untouched; it counts the step and, for a periodic overwrite,
   returns updates that move the params onto the average.
@@ -158,6 +159,8 @@ class Engine(NamedTuple):
       slots = [SlotState(params, w) for w in weights]
       ones = [jnp.ones([], jnp.float32) for _ in self.slots]
       return EngineState(slots, jnp.zeros([], jnp.int32), ones)
+    if self.offload:
+      _offload.check_not_in_pmap()
     mask = _tree_utils.expand_mask(self.mask, params)
     slots, step_sizes = [], []
     for slot in self.slots:
@@ -199,6 +202,8 @@ class Engine(NamedTuple):
     Returns the new state and the updates to apply (the wrapped optimizer's,
     or the overwrite's).
     """
+    if self.offload:
+      _offload.check_not_in_pmap()
     slots, count, step_sizes = state
     reference = slots[0].tree
     values = _values.latest_values(reference, params, updates, self.sequential)
@@ -210,7 +215,10 @@ class Engine(NamedTuple):
     if self.update_every > 1:
       on_grid = (count + 1) % self.update_every == 0
     rule_moves = None if self.moves is None else self.moves(count)
-    moves = _and(real, on_grid, rule_moves)
+    # A decay known only now (traced, or a schedule's value) outside [0, 1]
+    # or NaN: the step does not average, and records a NaN step size.
+    valid = [_rules.decays_valid(s.decay, count, self.update_every) for s in self.slots]
+    moves = _and(real, on_grid, rule_moves, *valid)
 
     if moves is None:
       new_slots, new_sizes = self._average(slots, step_sizes, values, count)
@@ -227,13 +235,18 @@ class Engine(NamedTuple):
         values,
         count,
       )
+    would = _and(real, on_grid, rule_moves)
+    new_sizes = [
+      z if ok is None else jnp.where(~ok if would is None else ~ok & would, jnp.nan, z)
+      for z, ok in zip(new_sizes, valid, strict=True)
+    ]
     new_slots = [self._follow(s, values, real) for s in new_slots]
     new_count = optax.safe_increment(count)
     if real is not None:
       new_count = jnp.where(real, new_count, count)
     out_updates = updates
     if self.overwrite_every:
-      now = _and(real, (count + 1) % self.overwrite_every == 0)
+      now = _and(real, *valid, (count + 1) % self.overwrite_every == 0)
       out_updates = jax.lax.cond(
         now,
         self._overwrite,

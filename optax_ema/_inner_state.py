@@ -88,3 +88,40 @@ def check_not_an_update_average(inner_state: Any, caller: str) -> None:
       f"optimizer you train with, e.g. `optax_ema.{caller}(optax.adam(1e-3)"
       f"{', average_decay=0.999' if caller == 'moving_average' else ''})`."
     )
+
+
+_PARTIAL = (optax.MaskedState, optax.MultiTransformState)
+
+
+def _is_gate(x: Any) -> bool:
+  return isinstance(x, (optax.MultiStepsState, *_PARTIAL))
+
+
+def check_no_partial_multisteps(inner_state: Any, caller: str) -> None:
+  """Rejects ``optax.MultiSteps`` under ``optax.masked`` / ``multi_transform``.
+
+  There it applies an update to some leaves only, on its own schedule, while
+  the other leaves are updated at every micro-step: the average's one scalar
+  count cannot hold per-leaf real steps, and would average micro-steps.
+  """
+
+  def visit(state: Any, inside: str | None) -> None:
+    for node in jax.tree.leaves(state, is_leaf=_is_gate):
+      if isinstance(node, optax.MultiStepsState) and inside is not None:
+        raise ValueError(
+          f"`optimizer` holds optax.MultiSteps inside {inside}: it accumulates "
+          "micro-steps for some parameters only, while the others take an update "
+          f"at every micro-step, and {caller}'s one count of real steps cannot "
+          "follow both. Put optax.MultiSteps around the whole optimizer "
+          f"instead, e.g. `optax.MultiSteps(optax_ema.{caller}(optax.masked("
+          "adam, mask)), every_k_schedule=k)`, or "
+          f"`optax_ema.{caller}(optax.MultiSteps(optax.masked(adam, mask), k))`."
+        )
+      if isinstance(node, optax.MultiStepsState):
+        visit(node.inner_opt_state, inside)
+      elif isinstance(node, optax.MaskedState):
+        visit(node.inner_state, inside or "optax.masked")
+      elif isinstance(node, optax.MultiTransformState):
+        visit(node.inner_states, "optax.multi_transform")
+
+  visit(inner_state, None)

@@ -230,7 +230,12 @@ def moving_average(
       these, which keeps one average per entry, updated in the same pass
       (the state's ``average`` is then an :class:`optax_ema.Averages`; pick
       one with ``averaged_params(..., which=...)``). A decay in a dtype
-      narrower than float32 is an error (it rounds 0.999 to 1.0).
+      narrower than float32 is an error (it rounds 0.999 to 1.0). Numbers
+      are range-checked here, a schedule at sampled counts; a decay known
+      only in the step (traced by ``optax.inject_hyperparams`` or ``jit``,
+      or a schedule's value) outside [0, 1] or NaN makes that step not
+      average: it still counts, and records a NaN step size (a NaN decay in
+      :func:`optax_ema.diagnostics`).
     sequential_update: average the parameters after this step's update
       (True, TFA's default) or before it (False; TFA computed the two "at the
       same time", a race it left unspecified, and this is the deterministic
@@ -267,8 +272,11 @@ def moving_average(
       ``None`` (the default) and ``True`` round each new average up or down
       at random, unbiased, with bits that are a fixed function of the step
       and the leaf (identical on every device): it keeps moving where
-      nearest rounding gets stuck. ``False`` rounds to nearest (and warns
-      when a constant decay's step is below what the storage resolves).
+      nearest rounding gets stuck. ``False`` rounds to nearest, and warns
+      when the average would freeze: when ``(1 - decay) * 1e-3`` (the step
+      for a parameter moving by 1e-3 of its value) is below half a place of
+      the storage dtype, ``eps / 2``; so at every decay in (0, 1) for
+      bfloat16, above 0.512 for float16.
     overwrite_every: ``None`` or a positive multiple ``k`` of
       ``update_every``: on every k-th update, return updates that move the
       params onto the new average (so that ``optax.apply_updates`` leaves the

@@ -9,6 +9,8 @@ and its last step size.
 
 from __future__ import annotations
 
+import collections
+import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -162,6 +164,75 @@ def _looks_restored_without_target(tree: Any) -> bool:
   return found
 
 
+def _is_optax_state(x: Any) -> bool:
+  """A state of one optax transformation (a NamedTuple defined in optax)."""
+  module = type(x).__module__
+  is_optax = module == "optax" or module.startswith("optax.")
+  return is_optax and isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _followers(node: Any, key: Any) -> list[Any]:
+  """The states after ``key`` in ``node``, if ``node`` is a chain optax built.
+
+  ``optax.chain`` keeps a plain tuple of its transformations' states and
+  ``optax.named_chain`` a dict; a user's own tuple or dict (an optimizer
+  state next to a step count, a second model's optimizer) holds other
+  things. The sign of a chain is that what follows the average is a state
+  of one optax transformation (``optax.scale``'s, ``scale_by_adam``'s...).
+  """
+  if type(node) is tuple and isinstance(key, jax.tree_util.SequenceKey):
+    after = list(node[key.idx + 1 :])
+  elif type(node) in (dict, collections.OrderedDict) and isinstance(
+    key, jax.tree_util.DictKey
+  ):
+    keys = list(node)
+    after = [node[k] for k in keys[keys.index(key.key) + 1 :]]
+  else:
+    return []
+  return after if after and all(_is_optax_state(x) for x in after) else []
+
+
+def _child(node: Any, key: Any) -> Any:
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  if isinstance(key, jax.tree_util.DictKey):
+    return node[key.key]
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return getattr(node, key.name)
+  return None
+
+
+def warn_if_not_last(opt_state: Any, path: tuple[Any, ...], caller: str) -> None:
+  """Warns when the averaging state at ``path`` is not last in its chain.
+
+  ``optax.chain(moving_average(opt), optax.scale(...))`` averages the params
+  moved by ``opt``'s updates, which the following transformations change
+  before they are applied: the average is of params that never exist (and
+  ``overwrite_every`` moves the params onto them). ``update`` sees only its
+  own state, so this is read from the root state, through the chains on the
+  way to the average.
+  """
+  node = opt_state
+  for key in path:
+    after = _followers(node, key)
+    if after:
+      names = ", ".join(type(x).__name__ for x in after)
+      warnings.warn(
+        f"`{caller}`: the averaging state is not last in its optax.chain (it "
+        f"is followed by {names}): the transformations after it change the "
+        "updates it averaged, so it averages params that training never "
+        "has (and `overwrite_every` would move the params onto them). Put "
+        "them inside the wrapper instead, e.g. "
+        "`optax_ema.moving_average(optax.chain(opt, optax.scale(...)))`.",
+        UserWarning,
+        stacklevel=4,
+      )
+      return
+    node = _child(node, key)
+    if node is None:
+      return
+
+
 def find_average_state(opt_state: Any, caller: str = "averaged_params") -> Any:
   """The single averaging state inside ``opt_state``; ValueError otherwise."""
   found = find_average_states(opt_state)
@@ -189,6 +260,7 @@ def find_average_state(opt_state: Any, caller: str = "averaged_params") -> Any:
       f"`{caller}` found {len(found)} averaging states in `opt_state`: "
       f"{where}; pass the one you want, e.g. `{caller}(opt_state[0], ...)`."
     )
+  warn_if_not_last(opt_state, found[0][0], caller)
   return found[0][1]
 
 
@@ -249,6 +321,15 @@ def averaged_params(
   Raises:
     ValueError: no averaging state, or more than one, inside ``opt_state``; a
       masked state read without ``params``; ``params`` of another structure.
+
+  Warns:
+    UserWarning: the averaging state is followed by other transformations in
+      an ``optax.chain`` / ``optax.named_chain`` (say ``optax.scale``): they
+      change the updates after it averaged, so the average is of params that
+      training never has. Put them inside the wrapper. (Read from the root
+      state: ``update`` sees only its own. A tuple or dict of your own, whose
+      other entries are not single optax transformations' states, is not
+      taken for a chain.)
 
   Examples:
     >>> import jax.numpy as jnp

@@ -178,6 +178,47 @@ def interval_step(rule: Rule, count: jax.Array, k: int) -> StepSize:
   return StepSize(jnp.prod(sizes.decay), -jnp.expm1(log_keep))  # never a mean
 
 
+def _given_decays(spec: Any, count: jax.Array, k: int) -> jax.Array | None:
+  """The decay ``spec`` gives over the ``k`` updates up to ``count``.
+
+  ``None`` for a constant (range-checked when the transform was built) and
+  for the specs of rules that are not decays (power profiles, SWA's mean).
+  """
+  if callable(spec):
+    if k == 1:
+      return jnp.asarray(spec(count), jnp.float32)
+    counts = count - (k - 1) + jnp.arange(k, dtype=count.dtype)
+    return jnp.asarray(jax.vmap(spec)(counts), jnp.float32)
+  if _validation.is_traced(spec):
+    return jnp.asarray(spec, jnp.float32)
+  return None
+
+
+def decays_valid(decay: Any, count: jax.Array, k: int) -> jax.Array | None:
+  """Whether every decay of one average is in [0, 1] for this step.
+
+  A decay known only in the step (traced by ``optax.inject_hyperparams`` or
+  ``jit``, or a schedule's value, checked at construction only at
+  :data:`~optax_ema._validation.SAMPLED_COUNTS`) can leave [0, 1] or be
+  NaN: the step then does not average (the engine's gate) and records a NaN
+  step size. It is the value given that is checked, before the clamps of
+  ``num_updates`` and ``dynamic_decay``. ``None`` when every decay is a
+  constant, checked at construction.
+  """
+  specs = decay.prefix if isinstance(decay, PerLeafDecay) else decay
+  flags = []
+  for spec in jax.tree.leaves(specs, is_leaf=callable):
+    given = _given_decays(spec, count, k)
+    if given is not None:
+      flags.append(jnp.all((given >= 0.0) & (given <= 1.0)))  # NaN: False
+  if not flags:
+    return None
+  out = flags[0]
+  for flag in flags[1:]:
+    out = out & flag
+  return out
+
+
 def per_step(w: jax.Array, k: Any) -> jax.Array:
   """The per-step ``w`` equivalent to ``w`` applied once every ``k`` steps."""
   if isinstance(k, int) and k == 1:

@@ -78,6 +78,7 @@ def averaging_transformation(
   def init_fn(params: optax.Params) -> Any:
     inner_state = inner.init(params)
     _inner_state.check_not_an_update_average(inner_state, caller)
+    _inner_state.check_no_partial_multisteps(inner_state, caller)
     return layout.pack(inner_state, engine.init(params))
 
   def update_fn(

@@ -304,26 +304,48 @@ def check_sigma_rel(value: Any, name: str = "sigma_rel", context: str = "") -> f
   return out
 
 
-def warn_if_unresolvable(decay: Any, storage: Any, name: str, stacklevel: int) -> None:
-  """Warns when round-to-nearest storage cannot hold one step of ``decay``.
+# The relative move per step of the parameter that the nearest-rounding
+# warning assumes: a slowly moving parameter, late in training.
+RELATIVE_MOVE = 1e-3
 
-  An average moves by ``(1 - decay)`` times its distance to the params; when
-  that is below the storage dtype's relative spacing, every step rounds
-  back to the old value. A constant decay is checked, a schedule at
-  :data:`SAMPLED_COUNTS`; a traced decay cannot be, and warns as well.
+
+def nearest_rounding_freezes(decay: float, storage: Any) -> bool:
+  """Whether round-to-nearest ``storage`` freezes an average of ``decay``.
+
+  The rule: a parameter ``a`` moving by ``1e-3 * |a|`` per step moves its
+  average by ``(1 - decay) * 1e-3 * |a|``; below half a place (ulp) of ``a``
+  in ``storage``, that rounds back. Half a place is at most ``eps / 2`` of
+  ``|a|`` (at a power of two), so this is ``(1 - decay) * 1e-3 < eps / 2``:
+  true for every decay in (0, 1) in bfloat16, above 0.512 in float16. A
+  decay of 0 (a copy) or 1 (no average) never warns.
+  """
+  step = 1.0 - float(np.float32(decay))
+  eps = float(jnp.finfo(storage).eps)
+  return 0.0 < step < 1.0 and step * RELATIVE_MOVE < eps / 2
+
+
+def warn_if_unresolvable(decay: Any, storage: Any, name: str, stacklevel: int) -> None:
+  """Warns when round-to-nearest storage would freeze an average of ``decay``.
+
+  The rule is :func:`nearest_rounding_freezes`: a parameter moving by 1e-3
+  of its value per step moves the average by ``(1 - decay) * 1e-3`` of it,
+  and below half a place of the storage dtype every step rounds back. A
+  constant decay is checked, a schedule at :data:`SAMPLED_COUNTS`; a traced
+  decay cannot be, and warns as well.
   """
   eps = float(jnp.finfo(storage).eps)
   dtype = jnp.dtype(storage).name
+  verdict = "is"
   if is_concrete_scalar(decay):
-    step = 1.0 - float(np.float32(decay))
-    if not 0.0 < step < eps:
+    if not nearest_rounding_freezes(decay, storage):
       return
-    what = f"`{name}`={decay!r}: each step moves the average by {step:.2g}"
+    step = 1.0 - float(np.float32(decay))
+    what = f"`{name}`={decay!r}: a step moves the average by {step:.2g}"
   elif callable(decay):
     values = sample_schedule(decay)
     if values is None:
       return
-    below = [i for i, v in enumerate(values) if 0.0 < 1.0 - v < eps]
+    below = [i for i, v in enumerate(values) if nearest_rounding_freezes(v, storage)]
     if not below:
       return
     count = SAMPLED_COUNTS[below[0]]
@@ -333,9 +355,12 @@ def warn_if_unresolvable(decay: Any, storage: Any, name: str, stacklevel: int) -
     )
   else:
     what = f"`{name}` is traced (optax.inject_hyperparams), so it cannot be checked"
+    verdict = "may be"
   warnings.warn(
     f"{what} of its distance to the params, with `ema_dtype`={dtype} and "
-    f"`stochastic_rounding=False`: below {dtype}'s resolution ({eps:.2g}), "
+    f"`stochastic_rounding=False`. For a parameter moving by {RELATIVE_MOVE:g} "
+    f"of its value per step, (1 - decay) times that move {verdict} below "
+    f"half a {dtype} place ({eps / 2:.2g} of the value at most), where "
     "round-to-nearest storage will not move. Leave `stochastic_rounding` at "
     "its default, or store the average in float32.",
     UserWarning,

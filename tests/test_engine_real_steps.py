@@ -231,3 +231,72 @@ def test_after_max_consecutive_errors_skip_nonfinite_keeps_the_average_finite(or
     optax_ema.averaged_params(state), helpers.np_ema(helpers.params(), values, [0.5])
   )
   assert int(optax_ema.diagnostics(state, params)["count"]) == 1
+
+
+PARTIAL_MULTISTEPS = {
+  "masked": lambda: optax.masked(
+    optax.MultiSteps(optax.sgd(LR), K), {"a": True, "b": False, "s": False}
+  ),
+  "multi_transform": lambda: optax.multi_transform(
+    {"acc": optax.MultiSteps(optax.sgd(LR), K), "plain": optax.sgd(LR)},
+    {"a": "acc", "b": "plain", "s": "plain"},
+  ),
+  "masked_in_a_chain": lambda: optax.chain(
+    optax.clip(1.0),
+    optax.masked(
+      optax.chain(optax.MultiSteps(optax.sgd(LR), K)),
+      {"a": True, "b": False, "s": True},
+    ),
+  ),
+}
+
+
+@pytest.mark.parametrize("kind", list(PARTIAL_MULTISTEPS))
+@pytest.mark.parametrize(
+  "wrapper", [optax_ema.moving_average, optax_ema.power_ema, optax_ema.swa]
+)
+def test_multisteps_inside_masked_or_multi_transform_is_refused_with_the_fix(
+  kind, wrapper
+):
+  tx = wrapper(PARTIAL_MULTISTEPS[kind]())
+  with pytest.raises(ValueError) as info:
+    tx.init(helpers.params())
+  message = str(info.value)
+  assert "`optimizer`" in message and "optax.MultiSteps" in message
+  assert ("optax.masked" if kind != "multi_transform" else "optax.multi_transform") in (
+    message
+  )
+  assert "around the whole optimizer" in message
+
+
+def test_moving_average_of_a_masked_optimizer_averages_every_step():
+  # optax.masked passes the masked-out leaves' updates through unchanged:
+  # those params move by +g, the others by -LR g; the average follows both.
+  mask = {"a": True, "b": {"c": False}, "s": True}
+  tx = optax_ema.moving_average(optax.masked(optax.sgd(LR), mask), 0.5)
+  grads = helpers.grads(4, seed=8)
+  _, state = helpers.run(tx, helpers.params(), grads)
+  p = helpers.as_np(helpers.params())
+  seen = []
+  for g in grads:
+    g = helpers.as_np(g)
+    p = {
+      "a": p["a"] - LR * g["a"],
+      "b": {"c": p["b"]["c"] + g["b"]["c"]},
+      "s": p["s"] - LR * g["s"],
+    }
+    seen.append(p)
+  want = helpers.np_ema(helpers.params(), seen, [0.5] * 4)
+  helpers.assert_tree_close(optax_ema.averaged_params(state), want, rtol=1e-6)
+  assert int(state.count) == 4
+
+
+def test_multisteps_around_a_masked_optimizer_is_accepted():
+  tx = optax_ema.moving_average(
+    optax.MultiSteps(
+      optax.masked(optax.sgd(LR), {"a": True, "b": False, "s": True}), K
+    ),
+    0.5,
+  )
+  _, state = helpers.run(tx, helpers.params(), GRADS)
+  assert int(state.count) == MICRO_STEPS // K

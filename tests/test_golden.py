@@ -119,9 +119,19 @@ def _check_changed(name, key, got, params):
   return False
 
 
+NEAREST_NARROW = {"bf16_nearest", "f16_storage"}
+
+
 @pytest.mark.parametrize("name", list(grid.CONFIGS))
 def test_configuration_replays_the_golden_file(name):
-  got = grid.replay(name, with_params=True)
+  if name in NEAREST_NARROW:
+    # Round-to-nearest bfloat16/float16 storage at 0.9 warns that slow
+    # parameters would freeze it (the low-precision guide's rule); the
+    # golden file holds what it does all the same.
+    with pytest.warns(UserWarning, match="will not move"):
+      got = grid.replay(name, with_params=True)
+  else:
+    got = grid.replay(name, with_params=True)
   params = {k: v for k, v in got.items() if k.startswith("params/")}
   got = {k: v for k, v in got.items() if not k.startswith("params/")}
   want = {k: v for k, v in GOLDEN.items() if k.startswith(f"{name}/")}

@@ -276,3 +276,74 @@ def test_flax_helpers_give_device_params_from_an_offloaded_state():
   assert {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state.average)} == {
     "pinned_host"
   }
+
+
+def _replicate(tree, n):
+  return jax.tree.map(lambda a: jnp.stack([a] * n), tree)
+
+
+def test_offload_under_pmap_init_is_refused_naming_it():
+  # pmap puts its outputs in device memory: the average would silently not
+  # be offloaded.
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9, offload=True)
+  n = jax.local_device_count()
+  with pytest.raises(ValueError, match=r"`offload=True` does not work inside jax.pmap"):
+    jax.pmap(tx.init)({"w": jnp.ones((n, 3))})
+
+
+def test_offload_under_pmap_update_is_refused_before_jax_memory_kind_error():
+  # The integrations guide's pmap recipe with an offloaded state: JAX would
+  # fail with a memory-kind mismatch that does not say what to change.
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9, offload=True)
+  n = jax.local_device_count()
+  params = {"w": jnp.ones(3)}
+  p_params, p_state = _replicate(params, n), _replicate(tx.init(params), n)
+  with pytest.raises(ValueError, match=r"`offload=True`.*pmap.*state_shardings"):
+    jax.pmap(tx.update, axis_name="batch")(p_params, p_state, p_params)
+
+
+def test_offload_under_vmap_keeps_host_memory_and_the_values():
+  grads = _grads(3, jnp.ones((4, 5)))
+  out = {}
+  for offload in (False, True):
+    tx = optax_ema.moving_average(optax.adam(0.05), 0.9, offload=offload)
+    params = jnp.asarray(np.random.default_rng(1).normal(size=(4, 5)), jnp.float32)
+    state = jax.vmap(tx.init)(params)
+    step = jax.jit(jax.vmap(tx.update))
+    for g in grads:
+      updates, state = step(g, state, params)
+      params = params + updates
+    out[offload] = state.average
+  assert out[True].sharding.memory_kind == "pinned_host"
+  np.testing.assert_array_equal(np.asarray(out[True]), np.asarray(out[False]))
+
+
+def test_offload_under_shard_map_keeps_host_memory_and_the_values():
+  mesh = jax.make_mesh((8,), ("d",))
+  params = jax.device_put(
+    jnp.asarray(np.random.default_rng(2).normal(size=(8, 3)), jnp.float32),
+    NamedSharding(mesh, P("d")),
+  )
+  grads = _grads(3, params)
+  out = {}
+  for offload in (False, True):
+    tx = optax_ema.moving_average(optax.adam(0.05), 0.9, offload=offload)
+    shapes = jax.eval_shape(tx.init, jnp.ones((1, 3)))
+    specs = jax.tree.map(lambda a: P("d") if a.ndim else P(), shapes)
+    init = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P("d"), out_specs=specs))
+    step = jax.jit(
+      jax.shard_map(
+        tx.update,
+        mesh=mesh,
+        in_specs=(P("d"), specs, P("d")),
+        out_specs=(P("d"), specs),
+      )
+    )
+    p, state = params, init(params)
+    for g in grads:
+      updates, state = step(g, state, p)
+      p = p + updates
+    out[offload] = state.average
+  assert out[True].sharding.memory_kind == "pinned_host"
+  assert out[True].sharding.spec == P("d", None)
+  np.testing.assert_array_equal(jax.device_get(out[True]), jax.device_get(out[False]))

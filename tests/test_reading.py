@@ -5,6 +5,8 @@ Setup of TFA's upstream test (var0 = [1, 2], gradient 0.1, SGD(2.0), decay
 [0.75, 1.75] (one step: [0.8, 1.8] and [0.9, 1.9]).
 """
 
+import warnings
+
 import flax.training.train_state
 import jax
 import jax.numpy as jnp
@@ -241,3 +243,73 @@ def test_which_is_rejected_for_a_single_average():
   _, state = _train(_ema(), 1)
   with pytest.raises(ValueError, match="`which`"):
     optax_ema.averaged_params(state, which=0)
+
+
+def _ma():
+  return optax_ema.moving_average(optax.sgd(0.1), 0.9)
+
+
+P2 = {"w": jnp.ones(2)}
+NOT_LAST = {
+  "chain then scale": lambda: optax.chain(_ma(), optax.scale(0.5)),
+  "named_chain then scale": lambda: optax.named_chain(
+    ("ema", _ma()), ("scale", optax.scale(0.5))
+  ),
+  "inside inject_hyperparams": lambda: optax.inject_hyperparams(
+    lambda lr: optax.chain(_ma(), optax.scale(lr))
+  )(lr=0.5),
+  "inside MultiSteps": lambda: optax.MultiSteps(
+    optax.chain(_ma(), optax.scale_by_adam()), 2
+  ),
+  "power_ema then scale": lambda: optax.chain(
+    optax_ema.power_ema(optax.sgd(0.1), (0.1,)), optax.scale(0.5)
+  ),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_LAST))
+@pytest.mark.parametrize("reader", ["averaged_params", "diagnostics"])
+def test_an_average_not_last_in_its_chain_warns_when_read(name, reader):
+  state = NOT_LAST[name]().init(P2)
+  read = {
+    "averaged_params": lambda: optax_ema.averaged_params(state),
+    "diagnostics": lambda: optax_ema.diagnostics(state, P2),
+  }[reader]
+  with pytest.warns(UserWarning, match="not last in its optax.chain") as record:
+    read()
+  assert f"`{reader}`" in str(record[0].message)
+  assert record[0].filename == __file__
+
+
+def test_the_average_not_last_in_its_chain_is_of_params_that_never_exist():
+  # What the warning is about: with optax.scale(0.5) after it, the average
+  # follows p - 0.1 g while the params move by half of that.
+  tx = optax.chain(optax_ema.moving_average(optax.sgd(0.1), 0.0), optax.scale(0.5))
+  params = {"w": jnp.ones(2)}
+  updates, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params)
+  params = optax.apply_updates(params, updates)
+  with pytest.warns(UserWarning, match="not last"):
+    average = optax_ema.averaged_params(state)
+  np.testing.assert_allclose(np.asarray(params["w"]), [0.95, 0.95])
+  np.testing.assert_allclose(np.asarray(average["w"]), [0.9, 0.9])
+
+
+LAST_OR_NOT_A_CHAIN = {
+  "one-element chain": lambda: optax.chain(_ma()).init(P2),
+  "last in a chain": lambda: optax.chain(optax.clip(1.0), _ma()).init(P2),
+  "a user's tuple with a step count": lambda: (_ma().init(P2), jnp.int32(3)),
+  "a user's tuple with a second optimizer": lambda: (
+    _ma().init(P2),
+    optax.adam(0.1).init(P2),
+  ),
+  "a user's dict": lambda: {"ema": _ma().init(P2), "d": optax.sgd(0.1).init(P2)},
+}
+
+
+@pytest.mark.parametrize("name", list(LAST_OR_NOT_A_CHAIN))
+def test_an_average_last_in_its_chain_or_in_a_users_tuple_raises_no_alarm(name):
+  state = LAST_OR_NOT_A_CHAIN[name]()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    optax_ema.averaged_params(state)
+    optax_ema.diagnostics(state, P2)

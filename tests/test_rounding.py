@@ -5,6 +5,9 @@ noise: the float64 reference is the exact EMA of the same bfloat16 values.
 Errors are measured in units of the bfloat16 spacing at each value (ulp).
 """
 
+import pathlib
+import warnings
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -233,3 +236,94 @@ def test_stochastic_rounding_needs_a_low_precision_ema_dtype(ema_dtype):
     optax_ema.moving_average(
       optax.sgd(1.0), 0.9, ema_dtype=ema_dtype, stochastic_rounding=True
     )
+
+
+GUIDE = pathlib.Path(__file__).parent.parent / "docs" / "guides" / "low_precision.md"
+STORAGE = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+def _guide_table():
+  """``{(decay, dtype name): warns}`` from the low-precision guide's table."""
+  lines = GUIDE.read_text().splitlines()
+  start = lines.index("| decay  | bfloat16 | float16 | float32 |")
+  header = [c.strip() for c in lines[start].strip("|").split("|")]
+  table = {}
+  for line in lines[start + 2 :]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    for name, cell in zip(header[1:], cells[1:], strict=True):
+      assert cell in ("warns", "-"), cell
+      table[(float(cells[0]), name)] = cell == "warns"
+  return table
+
+
+def _freezes_somewhere(decay, dtype):
+  """The rule, from NumPy: a parameter moving by 1e-3 of its value moves its
+  average by (1 - decay) * 1e-3 * |a|, below half a place of ``a`` for some
+  magnitude ``|a|`` (a grid over eight binades)."""
+  w = 1.0 - float(np.float32(decay))
+  if not 0.0 < w < 1.0:
+    return False
+  mantissas = np.linspace(1.0, 2.0, 65)[:-1]
+  a = np.concatenate([m * 2.0**k for k in range(-4, 4) for m in [mantissas]])
+  a = a.astype(dtype)
+  half_place = np.spacing(a).astype(np.float64) / 2
+  return bool(np.any(w * 1e-3 * a.astype(np.float64) < half_place))
+
+
+def test_guide_table_of_nearest_rounding_warnings_follows_the_rule():
+  table = _guide_table()
+  assert len(table) == 18
+  for (decay, name), warns in table.items():
+    assert _freezes_somewhere(decay, STORAGE[name]) == warns, (decay, name)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32"])
+def test_nearest_rounding_warns_exactly_where_the_guide_table_says(name):
+  for (decay, dtype), warns in _guide_table().items():
+    if dtype != name:
+      continue
+    with warnings.catch_warnings(record=True) as record:
+      warnings.simplefilter("always")
+      optax_ema.moving_average(
+        optax.sgd(0.1), decay, ema_dtype=jnp.dtype(name), stochastic_rounding=False
+      )
+    messages = [str(r.message) for r in record if "will not move" in str(r.message)]
+    assert bool(messages) == warns, (decay, name, messages)
+
+
+@pytest.mark.parametrize(("decay", "warns"), [(0.51, False), (0.52, True)])
+def test_float16_nearest_rounding_warns_from_a_decay_of_0_512(decay, warns):
+  # (1 - decay) * 1e-3 < 2 ** -11 exactly when decay > 1 - 0.48828125.
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    optax_ema.moving_average(
+      optax.sgd(0.1), decay, ema_dtype=jnp.float16, stochastic_rounding=False
+    )
+  assert bool(record) == warns
+  assert _freezes_somewhere(decay, np.float16) == warns
+
+
+def test_stochastic_rounding_never_warns_at_any_decay():
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for dtype in (jnp.bfloat16, jnp.float16):
+      optax_ema.moving_average(optax.sgd(0.1), 0.9999, ema_dtype=dtype)
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_float16_average_beyond_its_range_is_nan_after_one_step(stochastic):
+  # What the low-precision guide says: 70000 stored as float16 is inf at
+  # init, and inf - (inf - x) * w is NaN from the first averaging step.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # nearest rounding warns at 0.9
+    tx = optax_ema.moving_average(
+      optax.identity(), 0.9, ema_dtype=jnp.float16, stochastic_rounding=stochastic
+    )
+  params = jnp.array([70000.0, 1.0], jnp.float32)
+  state = tx.init(params)
+  assert np.isinf(np.asarray(state.average)[0])
+  _, state = tx.update(jnp.zeros(2), state, params)
+  got = np.asarray(state.average, np.float32)
+  assert np.isnan(got[0]) and got[1] == 1.0
