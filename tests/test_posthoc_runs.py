@@ -96,6 +96,15 @@ def test_save_snapshot_keeps_one_run_per_directory_and_process(tmp_path):
   assert runs == {writer.run.identity}
 
 
+def test_resume_from_is_refused_where_this_process_already_writes(tmp_path):
+  states = _states(20, 10)
+  posthoc.save_snapshot(tmp_path, states[10])
+  with pytest.raises(ValueError, match="drop `resume_from`"):
+    posthoc.SnapshotWriter(tmp_path, resume_from=states[10])
+  posthoc.save_snapshot(tmp_path, states[20])  # the run is still open
+  assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [10, 20]
+
+
 # --- a new run is refused where another one wrote --------------------------------
 
 

@@ -112,6 +112,12 @@ class SnapshotWriter:
     self.run: _run.SnapshotRun | None = None
     previous = _snapshots.OPEN_WRITERS.get(self.directory)
     if isinstance(previous, SnapshotWriter) and previous._implicit:
+      if resume_from is not None:
+        raise ValueError(
+          f"{str(self.directory)!r} is open in this process through "
+          "posthoc.save_snapshot, whose run this writer carries on (nothing "
+          "to resume): drop `resume_from`."
+        )
       # The process's own run, opened by save_snapshot: carry it on.
       run = previous._release_run()
     elif previous is not None:
