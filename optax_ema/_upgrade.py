@@ -12,6 +12,7 @@ import optax
 
 from optax_ema import _reading
 from optax_ema import _tree_utils
+from optax_ema.posthoc import _orbax
 
 # Fields this version added to the states, with what an older state means
 # for them: the step size of the last averaging step was not recorded.
@@ -210,8 +211,7 @@ def restore_checkpoint(manager: Any, step: int | None, like: Any) -> Any:
     >>> print(type(state).__name__, int(state.count), state.average["w"])
     MovingAverageState 3 [0.5 0.5]
   """
-  import orbax.checkpoint as ocp  # an optional dependency
-
+  ocp = _orbax.load()  # an optional dependency: ImportError naming it
   if isinstance(manager, (str, os.PathLike)):
     with ocp.CheckpointManager(os.fspath(manager)) as opened:
       return restore_checkpoint(opened, step, like)
