@@ -22,6 +22,7 @@ from optax_ema._reading import averaged_params
 from optax_ema._resume import resume_with_average
 from optax_ema._sharding import state_shardings
 from optax_ema._swa import SWAState
+from optax_ema._upgrade import restore_checkpoint
 from optax_ema._upgrade import upgrade_state
 from optax_ema.compat import SWA
 from optax_ema.compat import MovingAverage
@@ -48,6 +49,7 @@ __all__ = [
   "moving_average",
   "posthoc",
   "power_ema",
+  "restore_checkpoint",
   "resume_with_average",
   "schedules",
   "state_shardings",

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_ema import _averages
@@ -112,6 +113,27 @@ def _check_rounding(stochastic_rounding: Any, ema_dtype: Any, decays: Any) -> No
       specs = decay.prefix if isinstance(decay, _rules.PerLeafDecay) else decay
       for d in jax.tree.leaves(specs, is_leaf=callable):
         _validation.warn_if_unresolvable(d, ema_dtype, "average_decay", stacklevel=4)
+
+
+def _check_debias(debias: bool, decays: Any, clamped: bool) -> None:
+  """``debias=True`` with a constant decay of 1: nothing would ever be averaged.
+
+  Unless ``num_updates``, ``dynamic_decay`` or ``start_step`` make some
+  steps average all the same (``clamped``).
+  """
+  if not debias or clamped:
+    return
+  for decay in decays:
+    specs = decay.prefix if isinstance(decay, _rules.PerLeafDecay) else decay
+    for d in jax.tree.leaves(specs, is_leaf=callable):
+      if _validation.is_concrete_scalar(d) and float(np.float32(d)) == 1.0:
+        raise ValueError(
+          f"`debias=True` with `average_decay`={d!r}: a decay of 1 never "
+          "moves the average, so the debiased average holds nothing and "
+          "reads as the live params at every step. Use a decay below 1 "
+          "(e.g. 0.999), or drop `debias` for an average frozen at the "
+          "initial params."
+        )
 
 
 def _overwrite_slot(
@@ -261,7 +283,9 @@ def moving_average(
       ``average / (1 - prod(decays so far))`` (exact under schedules: the
       state keeps the running product in a :class:`optax_ema.DebiasedAverage`);
       :func:`optax_ema.averaged_params` applies it, and returns the params
-      before the first averaging step.
+      before the first averaging step. A constant decay of 1, which never
+      averages (no ``num_updates``, ``dynamic_decay`` or ``start_step``), is
+      refused with ``debias``.
     update_every: ``None`` (every step) or a positive int ``k``: move the
       average only on every k-th update (``(t + 1) % k == 0``), by the product
       of the decays of the ``k`` updates since the last move (``decay ** k``
@@ -342,6 +366,8 @@ def moving_average(
     1 if update_every is None else _validation.static_int(update_every, "update_every")
   )
   _check_rounding(stochastic_rounding, ema_dtype, decays)
+  clamped = num_updates is not None or bool(dynamic_decay) or start_step != 0
+  _check_debias(bool(debias), decays, clamped)
   layout = _Layout(keys, tuple(_averages.decay_label(d) for d in decays), several)
   overwrite, slot = _overwrite_slot(
     overwrite_every, overwrite_with, every, bool(sequential_update), layout

@@ -71,7 +71,7 @@ def leaves_with_paths(tree: Any) -> list[tuple[tuple[Any, ...], Any]]:
   return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none_or_masked)[0]
 
 
-def _structure_error(reference: Any, tree: Any, name: str, what: str) -> str:
+def structure_error(reference: Any, tree: Any, name: str, what: str) -> str:
   """Why ``tree`` does not flatten like ``reference``, naming the paths."""
   ref_paths = [p for p, _ in leaves_with_paths(reference)]
   tree_paths = [p for p, _ in leaves_with_paths(tree)]
@@ -122,7 +122,7 @@ def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
     # A MaskedNode in the reference stands for a whole leaf (or subtree).
     tree_leaves = ref_def.flatten_up_to(tree)
   except (ValueError, TypeError):
-    raise ValueError(_structure_error(reference, tree, name, what)) from None
+    raise ValueError(structure_error(reference, tree, name, what)) from None
   for (path, ref_leaf), leaf in zip(ref_flat, tree_leaves, strict=True):
     if ref_leaf is None:
       if leaf is not None:

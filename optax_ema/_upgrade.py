@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -9,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ema import _reading
 from optax_ema import _tree_utils
+from optax_ema.posthoc import _orbax
 
 # Fields this version added to the states, with what an older state means
 # for them: the step size of the last averaging step was not recorded.
@@ -63,6 +66,22 @@ def _convert(value: Any, like: Any, path: tuple[Any, ...]) -> Any:
   return value
 
 
+def _check_order(restored: Any, like: Any) -> None:
+  """``upgrade_state(like, restored)``: the arguments in the wrong order."""
+  abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(restored))
+  today = bool(_reading.find_average_states(restored))
+  if abstract or (today and not _reading.find_average_states(like)):
+    raise ValueError(
+      "`restored` and `like` look swapped: `restored` "
+      + ("holds abstract leaves (jax.ShapeDtypeStruct)" if abstract else "")
+      + (" and " if abstract and today else "")
+      + ("already has this version's layout" if today else "")
+      + ", as `like` should. Call `optax_ema.upgrade_state(restored, like)`: "
+      "the tree restored from the checkpoint first, then "
+      "`jax.eval_shape(tx.init, params)`."
+    )
+
+
 def upgrade_state(restored: Any, like: optax.OptState) -> optax.OptState:
   """Converts an optimizer state saved by optax_ema 0.1.0 to this version's layout.
 
@@ -74,7 +93,12 @@ def upgrade_state(restored: Any, like: optax.OptState) -> optax.OptState:
   same transformation today, ``jax.eval_shape(tx.init, params)``: every leaf
   is taken from ``restored`` by its path, and the added ``step_size`` reads
   NaN ("not recorded") until the next averaging step. Training continues
-  exactly as it would have.
+  as it would have, to float32 rounding: bit for bit for a constant decay;
+  where this version forms ``1 - decay`` more precisely (the schedules of
+  :mod:`optax_ema.schedules`, SWA's running mean) one float32 rounding
+  apart, and a bfloat16 ``power_ema`` average, which 0.1.0 stored
+  unrounded under ``jit``, one bfloat16 place apart.
+  :func:`restore_checkpoint` restores and converts in one call.
 
   Args:
     restored: the restored optimizer state (or any tree holding one, e.g.
@@ -109,6 +133,7 @@ def upgrade_state(restored: Any, like: optax.OptState) -> optax.OptState:
     >>> print(type(state).__name__, int(state.count), state.average["w"])
     MovingAverageState 3 [0.5 0.5]
   """
+  _check_order(restored, like)
   flat, treedef = jax.tree_util.tree_flatten_with_path(
     like, is_leaf=_tree_utils.is_none_or_masked
   )
@@ -139,3 +164,67 @@ def upgrade_state(restored: Any, like: optax.OptState) -> optax.OptState:
       "not written by the transformation `like` describes."
     )
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def restore_checkpoint(manager: Any, step: int | None, like: Any) -> Any:
+  """Restores an Orbax checkpoint into ``like``, also one written by 0.1.0.
+
+  Restores ``step`` of a checkpoint saved with ``ocp.args.StandardSave``
+  (a training state, or any tree holding an optimizer state) with ``like``
+  as its target. A checkpoint written by optax_ema 0.1.0 lacks the fields
+  this version added (``step_size``), and Orbax refuses it with a
+  "Structure mismatch" that cannot name the fix; on that error this
+  restores it without a target and converts it with :func:`upgrade_state`.
+  Other errors propagate.
+
+  Args:
+    manager: an ``orbax.checkpoint.CheckpointManager``, or the directory of
+      one.
+    step: the step to restore; ``None`` for the latest.
+    like: the tree to restore into, e.g. ``jax.eval_shape(lambda:
+      {"params": params, "opt_state": tx.init(params)})``, with shardings
+      where the result should be placed.
+
+  Returns:
+    The restored tree, with the structure of ``like``.
+
+  Examples:
+    >>> import pathlib, tempfile
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import orbax.checkpoint as ocp
+    >>> import optax_ema
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = optax_ema.moving_average(optax.sgd(0.1), average_decay=0.9)
+    >>> old = {  # a state as optax_ema 0.1.0 saved it: no `step_size`
+    ...   "inner_state": (optax.EmptyState(), optax.EmptyState()),
+    ...   "average": {"w": jnp.full(2, 0.5)},
+    ...   "count": jnp.asarray(3, jnp.int32),
+    ... }
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "ckpt"
+    >>> with ocp.CheckpointManager(path) as mngr:
+    ...   _ = mngr.save(3, args=ocp.args.StandardSave(old))
+    ...   mngr.wait_until_finished()
+    >>> like = jax.eval_shape(tx.init, params)
+    >>> state = optax_ema.restore_checkpoint(path, None, like)
+    >>> print(type(state).__name__, int(state.count), state.average["w"])
+    MovingAverageState 3 [0.5 0.5]
+  """
+  ocp = _orbax.load()  # an optional dependency: ImportError naming it
+  if isinstance(manager, (str, os.PathLike)):
+    with ocp.CheckpointManager(os.fspath(manager)) as opened:
+      return restore_checkpoint(opened, step, like)
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise ValueError(f"`manager` holds no checkpoint: {manager.directory}.")
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(like))
+  except ValueError as err:
+    message = str(err)
+    added = any(repr(name) in message for name in _ADDED_FIELDS)
+    if "Structure mismatch" not in message or not added:
+      raise
+  raw = manager.restore(step, args=ocp.args.StandardRestore())
+  return upgrade_state(raw, like)

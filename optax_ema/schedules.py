@@ -67,8 +67,10 @@ def warmup(
     d(s) = \\mathrm{clip}\\big(1 - (1 + s / \\gamma_{inv})^{-p},\\;
       d_{min},\\; d_{max}\\big),
 
-  and :math:`d = 0` before ``start_step`` (the average copies the
-  parameters). ``1 - d`` is computed as
+  and :math:`d = 0` up to and at ``start_step`` (:math:`s \\le 0`: the
+  average copies the parameters, also with ``min_decay > 0``, as the three
+  libraries do on their first averaging step; from :math:`s = 1` on the
+  decays agree with theirs). ``1 - d`` is computed as
   :math:`\\exp(-p\\,\\mathrm{log1p}(s / \\gamma_{inv}))`. ``power=2/3`` reaches
   0.999 near 31.6k steps, ``power=3/4`` near 10k steps (for ``inv_gamma=1``).
 
@@ -104,8 +106,11 @@ def warmup(
   _validation.check_int(start_step, "start_step")
 
   def log_keep(count: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
+    # Averaging from the step after the first (s > 0): on the first (s = 0)
+    # the average copies the params, as in timm, diffusers and ema-pytorch,
+    # whatever `min_decay` says.
     s = _step(count) - jnp.float32(start_step)
-    return s >= 0, -jnp.float32(power) * jnp.log1p(
+    return s > 0, -jnp.float32(power) * jnp.log1p(
       jnp.maximum(s, 0.0) / jnp.float32(inv_gamma)
     )
 

@@ -5,13 +5,18 @@ trace time with a message that names the argument and the fix. Add a row
 for each new one.
 """
 
+import pathlib
+import sys
 import tempfile
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_ema
 from optax_ema import posthoc
@@ -115,8 +120,112 @@ def _traced_update_every():
   return _update(tx)
 
 
+def _offload_under_pmap_init():
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9, offload=True)
+  return jax.pmap(tx.init)({"w": jnp.ones((jax.local_device_count(), 3))})
+
+
+def _offload_with_the_pmap_recipe():
+  # The integrations guide's pmap recipe, with an offloaded state.
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9, offload=True)
+  n = jax.local_device_count()
+  replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * n), tree)
+  params = {"w": jnp.zeros(3)}
+  p_params, p_state = replicate(params), replicate(tx.init(params))
+  return jax.pmap(tx.update, axis_name="batch")(p_params, p_state, p_params)
+
+
+def _param_shardings(make):
+  mesh = jax.make_mesh((8,), ("d",))
+  params = {"w": jnp.ones((8, 3)), "b": jnp.ones(8)}
+  tx = optax_ema.moving_average(optax.adam(0.1), 0.9)
+  return optax_ema.state_shardings(tx, params, make(mesh))
+
+
+def _upgrade_swapped():
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9)
+  like = jax.eval_shape(tx.init, PARAMS)
+  restored = {"inner_state": [None, None], "average": PARAMS, "count": 3}
+  return optax_ema.upgrade_state(like, restored)
+
+
+def _compat_zip_of_dicts():
+  opt = optax_ema.MovingAverage("sgd", average_decay=0.9)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  return opt.apply_gradients(zip(grads, PARAMS, strict=True))
+
+
 MISTAKES = [
   # (mistake, call, exception, words the message must contain)
+  (
+    "offload=True with a state made by jax.pmap(tx.init)",
+    _offload_under_pmap_init,
+    ValueError,
+    ["`offload=True`", "jax.pmap", "state_shardings"],
+  ),
+  (
+    "offload=True in the pmap recipe (JAX's memory-kind error otherwise)",
+    _offload_with_the_pmap_recipe,
+    ValueError,
+    ["`offload=True`", "jax.pmap", "device memory"],
+  ),
+  (
+    "optax.MultiSteps inside optax.masked",
+    lambda: optax_ema.moving_average(
+      optax.masked(optax.MultiSteps(optax.adam(0.1), 2), {"w": True, "b": False})
+    ).init(PARAMS),
+    ValueError,
+    ["`optimizer`", "optax.MultiSteps inside optax.masked", "around the whole"],
+  ),
+  (
+    "optax.MultiSteps in one branch of optax.multi_transform",
+    lambda: optax_ema.moving_average(
+      optax.multi_transform(
+        {"acc": optax.MultiSteps(optax.adam(0.1), 2), "plain": optax.sgd(0.1)},
+        {"w": "acc", "b": "plain"},
+      )
+    ).init(PARAMS),
+    ValueError,
+    ["optax.MultiSteps inside optax.multi_transform", "around the whole"],
+  ),
+  (
+    "state_shardings given tx.init instead of tx",
+    lambda: optax_ema.state_shardings(
+      optax_ema.moving_average(optax.sgd(0.1)).init, PARAMS
+    ),
+    TypeError,
+    ["`tx`", "`tx.init` was passed: pass `tx` itself"],
+  ),
+  (
+    "state_shardings given PartitionSpecs as param_shardings",
+    lambda: _param_shardings(lambda m: {"w": P("d"), "b": P()}),
+    TypeError,
+    ["`param_shardings` holds PartitionSpecs", "NamedSharding(mesh, spec)"],
+  ),
+  (
+    "state_shardings given param_shardings of another structure",
+    lambda: _param_shardings(lambda m: {"w": NamedSharding(m, P("d"))}),
+    ValueError,
+    ["`param_shardings` does not have the structure of `params`", "['b']"],
+  ),
+  (
+    "upgrade_state with its arguments swapped",
+    _upgrade_swapped,
+    ValueError,
+    ["look swapped", "upgrade_state(restored, like)"],
+  ),
+  (
+    "the compat class's apply_gradients given zip() of two dicts",
+    _compat_zip_of_dicts,
+    TypeError,
+    ["`grads_and_vars`", "zip() over two dicts", "apply_gradients((grads, params))"],
+  ),
+  (
+    "debias=True with a constant decay of 1 (nothing is ever averaged)",
+    lambda: optax_ema.moving_average(optax.sgd(0.1), 1.0, debias=True),
+    ValueError,
+    ["`debias=True`", "`average_decay`=1.0", "never moves"],
+  ),
   (
     "inject_hyperparams with bfloat16 params stores the decay in bfloat16",
     lambda: _inject(),
@@ -420,6 +529,43 @@ def test_mistake_raises_a_message_that_names_it(call, error, words):
 WARNINGS = [
   # (ambiguous intent, call, warning, words)
   (
+    "round-to-nearest bfloat16 storage at decay 0.99 (freezes slow params)",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), 0.99, ema_dtype=jnp.bfloat16, stochastic_rounding=False
+    ),
+    UserWarning,
+    ["`average_decay`=0.99", "half a bfloat16 place", "will not move"],
+  ),
+  (
+    "round-to-nearest float16 storage at decay 0.999 (freezes slow params)",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), 0.999, ema_dtype=jnp.float16, stochastic_rounding=False
+    ),
+    UserWarning,
+    ["`average_decay`=0.999", "half a float16 place", "will not move"],
+  ),
+  (
+    "moving_average followed by optax.scale in a chain, read by averaged_params",
+    lambda: optax_ema.averaged_params(
+      optax.chain(optax_ema.moving_average(optax.sgd(0.1)), optax.scale(0.5)).init(
+        PARAMS
+      )
+    ),
+    UserWarning,
+    ["`averaged_params`", "not last in its optax.chain", "inside the wrapper"],
+  ),
+  (
+    "moving_average followed by optax.scale in a chain, read by diagnostics",
+    lambda: optax_ema.diagnostics(
+      optax.chain(optax_ema.moving_average(optax.sgd(0.1)), optax.scale(0.5)).init(
+        PARAMS
+      ),
+      PARAMS,
+    ),
+    UserWarning,
+    ["`diagnostics`", "not last in its optax.chain"],
+  ),
+  (
     "round-to-nearest bfloat16 storage with a decay it cannot resolve",
     lambda: optax_ema.moving_average(
       optax.sgd(0.1), 0.999, ema_dtype=jnp.bfloat16, stochastic_rounding=False
@@ -497,6 +643,121 @@ def test_ambiguous_configuration_warns_naming_it(call, warning, words):
   message = " ".join(str(r.message) for r in record)
   for word in words:
     assert word in message, f"{word!r} not in: {message}"
+
+
+def _observe(tx, params, grads, set_decay=None):
+  """The average, count and diagnosed decay after one jitted step."""
+  state = tx.init(params)
+  if set_decay is not None:
+    state.hyperparams["average_decay"] = jnp.asarray(set_decay, jnp.float32)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  params = optax.apply_updates(params, updates)
+  stats = optax_ema.diagnostics(state, params)
+  return {
+    "average": optax_ema.averaged_params(state, params)["w"],
+    "count": stats["count"],
+    "decay": stats["decay"],
+  }
+
+
+W = {"w": jnp.array([1.0, 2.0])}
+G = {"w": jnp.array([1.0, 1.0])}
+SKIPPED = {"average": [1.0, 2.0], "count": 1, "decay": float("nan")}
+
+
+def _injected_decay(value):
+  tx = optax.inject_hyperparams(optax_ema.moving_average)(
+    optimizer=optax.sgd(0.5), average_decay=0.5
+  )
+  return _observe(tx, W, G, set_decay=value)
+
+
+def _built_in_jit(value):
+  @jax.jit
+  def step(decay):
+    tx = optax_ema.moving_average(optax.sgd(0.5), decay)
+    updates, state = tx.update(G, tx.init(W), W)
+    stats = optax_ema.diagnostics(state, optax.apply_updates(W, updates))
+    return state.average["w"], stats["count"], stats["decay"]
+
+  average, count, decay = step(jnp.float32(value))
+  return {"average": average, "count": count, "decay": decay}
+
+
+def _schedule_out_of_range_between_samples():
+  # 45 is not among the counts sampled at construction.
+  tx = optax_ema.moving_average(
+    optax.sgd(0.5), lambda c: jnp.where(c == 45, 1.5, 0.5), start_step=0
+  )
+  state = tx.init(W)
+  step = jax.jit(tx.update)
+  for _ in range(45):
+    _, state = step({"w": jnp.zeros(2)}, state, W)
+  before = optax_ema.averaged_params(state)["w"]
+  updates, state = step(G, state, W)
+  params = optax.apply_updates(W, updates)
+  stats = optax_ema.diagnostics(state, params)
+  moved = optax_ema.averaged_params(state)["w"] - before
+  return {"moved": moved, "count": stats["count"], "decay": stats["decay"]}
+
+
+def _masked_optimizer():
+  tx = optax_ema.moving_average(
+    optax.masked(optax.sgd(0.5), {"w": True}), average_decay=0.0
+  )
+  return _observe(tx, W, G)
+
+
+def _restore_0_1_0_with_todays_target():
+  sys.path.insert(0, str(pathlib.Path(__file__).with_name("checkpoints")))
+  import v0_1_0
+
+  tx = v0_1_0.CONFIGS["plain"]()
+  params = v0_1_0.params0()
+  like = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+  got = optax_ema.restore_checkpoint(v0_1_0.ROOT / "plain", None, like)
+  step_size = got["opt_state"].step_size
+  return {"count": got["opt_state"].count, "step_size": step_size}
+
+
+IN_GRAPH = [
+  # (case, call -> observed values, what they must be)
+  ("inject_hyperparams decay set to 1.5", lambda: _injected_decay(1.5), SKIPPED),
+  ("inject_hyperparams decay set to NaN", lambda: _injected_decay(np.nan), SKIPPED),
+  ("inject_hyperparams decay set to -0.5", lambda: _injected_decay(-0.5), SKIPPED),
+  (
+    "a transform built inside jit from a traced 1.7",
+    lambda: _built_in_jit(1.7),
+    SKIPPED,
+  ),
+  (
+    "a schedule that leaves [0, 1] at a count not sampled at construction",
+    _schedule_out_of_range_between_samples,
+    {"moved": [0.0, 0.0], "count": 46, "decay": float("nan")},
+  ),
+  (
+    "moving_average(optax.masked(opt, mask)) averages every step",
+    _masked_optimizer,
+    {"average": [0.5, 1.5], "count": 1, "decay": 0.0},
+  ),
+  (
+    "a 0.1.0 checkpoint restored with today's target by restore_checkpoint",
+    _restore_0_1_0_with_todays_target,
+    {"count": 5, "step_size": float("nan")},
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  ("call", "want"), [row[1:] for row in IN_GRAPH], ids=[row[0] for row in IN_GRAPH]
+)
+def test_in_graph_rule_gives_its_visible_result(call, want):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no warning either: a rule, and its result
+    got = call()
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[key], np.float64), value, err_msg=key)
 
 
 def test_optax_ema_with_a_negative_scale_after_it_is_a_momentum_and_accepted():

@@ -28,9 +28,12 @@ def _assert_f32_close(got, want):
 
 
 def _np_warmup(c, max_decay, inv_gamma, power, min_decay, start):
+  # diffusers' EMAModel.get_decay (timm and ema-pytorch agree): its k-th
+  # step (optimization_step = k, our count k - 1) uses
+  # step = k - update_after_step - 1, and 0 (a copy) while step <= 0.
   s = c.astype(np.float64) - start
   d = 1.0 - (1.0 + np.maximum(s, 0) / inv_gamma) ** -power
-  return np.where(s >= 0, np.clip(d, min_decay, max_decay), 0.0)
+  return np.where(s > 0, np.clip(d, min_decay, max_decay), 0.0)
 
 
 @pytest.mark.parametrize(
@@ -55,10 +58,27 @@ def test_warmup_matches_numpy_up_to_1e7(kwargs):
   _assert_f32_close(_eval(schedules.warmup(**kwargs)), want)
 
 
-def test_warmup_is_zero_before_start_and_clipped_after():
-  sched = schedules.warmup(0.9, min_decay=0.3, start_step=5)
-  got = _eval(sched, np.array([0, 4, 5, 6, 10**6]))
-  np.testing.assert_allclose(got, [0.0, 0.0, 0.3, 1 - 2 ** (-2 / 3), 0.9], atol=1e-7)
+def test_warmup_is_zero_up_to_start_and_clipped_after():
+  # At start_step itself the average copies the params (decay 0), also
+  # with min_decay > 0: the first averaging step of timm / diffusers /
+  # ema-pytorch; the next uses max(min_decay, 1 - 2 ** -power).
+  sched = schedules.warmup(0.9, min_decay=0.45, start_step=5)
+  got = _eval(sched, np.array([0, 4, 5, 6, 7, 10**6]))
+  want = [0.0, 0.0, 0.0, 0.45, 1 - 3 ** (-2 / 3), 0.9]  # 1 - 2 ** (-2/3) = 0.37
+  np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_warmup_with_min_decay_copies_on_its_first_averaging_step():
+  # moving_average(warmup(min_decay=0.5)): the first step's average is the
+  # params (not 0.5 of the way), as the three libraries' first step.
+  tx = optax_ema.moving_average(optax.sgd(1.0), schedules.warmup(0.99, min_decay=0.5))
+  params = {"w": jnp.array([1.0, 2.0])}
+  updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, tx.init(params), params)
+  params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(state.average["w"]), [0.0, 1.0])
+  _, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, params)
+  # Second step: decay max(0.5, 1 - 2 ** (-2/3)) = 0.5, towards [-1, 0].
+  np.testing.assert_allclose(np.asarray(state.average["w"]), [-0.5, 0.5], rtol=1e-6)
 
 
 def test_tf_ramp_matches_numpy_up_to_1e7():

@@ -291,3 +291,49 @@ def test_the_average_adds_no_collective_to_a_training_step():
   checked = _collectives(_tx())
   assert checked["all-gather"] == alone["all-gather"]
   assert checked["all-reduce"] > alone["all-reduce"]
+
+
+def _sharding_inputs():
+  mesh = jax.make_mesh((8,), ("d",))
+  params = {"w": jnp.ones((8, 2)), "b": jnp.ones(8)}
+  tx = optax_ema.moving_average(optax.adam(1e-3), 0.9)
+  return mesh, params, tx
+
+
+def test_state_shardings_given_tx_init_names_tx():
+  _, params, tx = _sharding_inputs()
+  with pytest.raises(TypeError, match=r"`tx`.*`tx.init` was passed: pass `tx` itself"):
+    optax_ema.state_shardings(tx.init, params)
+
+
+def test_state_shardings_given_partition_specs_asks_for_shardings():
+  _, params, tx = _sharding_inputs()
+  specs = {"w": P("d"), "b": P()}
+  with pytest.raises(TypeError, match=r"`param_shardings` holds PartitionSpecs"):
+    optax_ema.state_shardings(tx, params, specs)
+
+
+@pytest.mark.parametrize(
+  ("shardings", "words"),
+  [
+    (lambda m: {"w": NamedSharding(m, P("d"))}, "['b'] is missing"),
+    (lambda m: [NamedSharding(m, P("d")), NamedSharding(m, P())], "unexpected"),
+  ],
+  ids=["missing_key", "a_list"],
+)
+def test_state_shardings_of_another_structure_names_the_path(shardings, words):
+  mesh, params, tx = _sharding_inputs()
+  with pytest.raises(ValueError) as info:
+    optax_ema.state_shardings(tx, params, shardings(mesh))
+  message = str(info.value)
+  assert "`param_shardings` does not have the structure of `params`" in message
+  assert words in message
+
+
+def test_state_shardings_with_explicit_shardings_still_work():
+  mesh, params, tx = _sharding_inputs()
+  got = optax_ema.state_shardings(
+    tx, params, {"w": NamedSharding(mesh, P("d")), "b": NamedSharding(mesh, P())}
+  )
+  assert got.average["w"].spec == P("d") and got.average["b"].spec == P()
+  assert got.count.spec == P()

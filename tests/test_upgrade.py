@@ -101,3 +101,58 @@ def test_a_checkpoint_of_another_transformation_is_rejected():
   like = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
   with pytest.raises(ValueError, match="not written by the transformation"):
     optax_ema.upgrade_state(_restore("plain"), like)
+
+
+@pytest.mark.parametrize("name", list(v0_1_0.CONFIGS))
+def test_restore_checkpoint_restores_a_0_1_0_checkpoint_with_todays_target(name):
+  # Orbax alone refuses it ("Structure mismatch ... step_size"); the helper
+  # restores it without a target and upgrades it, as upgrade_state does.
+  tx = v0_1_0.CONFIGS[name]()
+  params = v0_1_0.params0()
+  like = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+  if name != "power_ema":  # PowerEmaState gained no field
+    with ocp.CheckpointManager(v0_1_0.ROOT / name) as manager:
+      with pytest.raises(ValueError, match=r"Structure mismatch.*step_size"):
+        manager.restore(v0_1_0.SAVED_AT, args=ocp.args.StandardRestore(like))
+  got = optax_ema.restore_checkpoint(v0_1_0.ROOT / name, None, like)
+  want = optax_ema.upgrade_state(_restore(name), like)
+  assert jax.tree.structure(got) == jax.tree.structure(like)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_restore_checkpoint_restores_todays_checkpoint_directly(tmp_path):
+  tx = v0_1_0.CONFIGS["plain"]()
+  params = v0_1_0.params0()
+  state = {"params": params, "opt_state": tx.init(params)}
+  with ocp.CheckpointManager(tmp_path / "today") as manager:
+    manager.save(4, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+  with ocp.CheckpointManager(tmp_path / "today") as manager:
+    got = optax_ema.restore_checkpoint(manager, 4, jax.eval_shape(lambda: state))
+  assert type(got["opt_state"]).__name__ == "MovingAverageState"
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_restore_checkpoint_passes_other_mismatches_on(tmp_path):
+  # A checkpoint of another tree is not taken for a 0.1.0 one.
+  with ocp.CheckpointManager(tmp_path / "other") as manager:
+    manager.save(1, args=ocp.args.StandardSave({"a": np.ones(2)}))
+    manager.wait_until_finished()
+  like = jax.eval_shape(lambda: {"b": np.ones(2)})
+  with pytest.raises(ValueError, match="Structure mismatch") as info:
+    optax_ema.restore_checkpoint(tmp_path / "other", 1, like)
+  assert "upgrade_state" not in str(info.value)
+
+
+@pytest.mark.parametrize("abstract", [True, False])
+def test_upgrade_state_with_its_arguments_swapped_says_so(abstract):
+  tx = v0_1_0.CONFIGS["plain"]()
+  params = v0_1_0.params0()
+  like = {"params": params, "opt_state": tx.init(params)}
+  if abstract:
+    like = jax.eval_shape(lambda: like)
+  with pytest.raises(ValueError, match="look swapped") as info:
+    optax_ema.upgrade_state(like, _restore("plain"))
+  assert "upgrade_state(restored, like)" in str(info.value)

@@ -49,6 +49,13 @@ def _split_grads_and_vars(grads_and_vars: Any) -> tuple[Any, Any, bool]:
         f"(grads, params) tuple of pytrees; element {i} is a "
         f"{type(pair).__name__}, not a pair."
       )
+    if any(isinstance(x, (str, bytes)) for x in pair):
+      raise TypeError(
+        "`grads_and_vars` pairs strings, not arrays: element "
+        f"{i} is {tuple(pair)!r}. zip() over two dicts pairs their keys; pass "
+        "the pytrees as a tuple, `apply_gradients((grads, params))`, or "
+        "`zip(jax.tree.leaves(grads), jax.tree.leaves(params))`."
+      )
   return [g for g, _ in pairs], [p for _, p in pairs], True
 
 
