@@ -15,10 +15,12 @@ weights (i**(g+1) - (i-1)**(g+1)) / t**(g+1).
 import json
 import os
 import pathlib
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 
 import jax
@@ -218,7 +220,11 @@ def test_the_lock_is_held_across_processes_and_released_when_its_holder_dies(
     text=True,
   )
   try:
-    line = proc.stdout.readline().split()
+    lines = queue.Queue()
+    threading.Thread(
+      target=lambda: lines.put(proc.stdout.readline()), daemon=True
+    ).start()
+    line = lines.get(timeout=120).split()  # the holder saved and holds the lock
     assert line[:1] == ["OPEN"], line
     run = line[1]
     # Another process's writer holds it: even continuing its run is refused.
