@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from optax_ema import _reading
+from optax_ema import _variables
 
 _FLAX_HINT = (
   "requires Flax, which is not installed: `pip install flax` "
@@ -23,6 +24,12 @@ def _import_nnx(caller: str) -> Any:
   except ImportError as err:
     raise ImportError(f"`{caller}` {_FLAX_HINT}") from err
   return nnx
+
+
+def _graph_kwargs(optimizer: Any) -> dict[str, Any]:
+  """``graph=`` as the optimizer holds it (flax>=0.12), else nothing."""
+  graph = getattr(optimizer, "graph", None)
+  return {} if graph is None else {"graph": graph}
 
 
 def averaged_train_state(state: Any, *, which: Any = None) -> Any:
@@ -139,13 +146,12 @@ def averaged_nnx_state(model: Any, optimizer: Any, *, which: Any = None) -> Any:
       "`optimizer` must be an nnx.Optimizer (with `opt_state` and `wrt`), got "
       f"{type(optimizer).__name__}."
     )
-  graph = getattr(optimizer, "graph", None)
-  params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
-  opt_state = nnx.as_pure(optimizer.opt_state)
+  params = nnx.state(model, optimizer.wrt, **_graph_kwargs(optimizer))
+  opt_state = _variables.strip(optimizer.opt_state)
   found = _reading.find_average_states(opt_state)
   if len(found) != 1:
     _reading.find_average_state(opt_state, caller="averaged_nnx_state")
-  return _reading.averaged_params(opt_state, params, which=which)
+  return _reading.averaged_params(optimizer.opt_state, params, which=which)
 
 
 def averaged_nnx_model(model: Any, optimizer: Any, *, which: Any = None) -> Any:
@@ -187,6 +193,6 @@ def averaged_nnx_model(model: Any, optimizer: Any, *, which: Any = None) -> Any:
   """
   nnx = _import_nnx("averaged_nnx_model")
   averaged = averaged_nnx_state(model, optimizer, which=which)
-  copy = nnx.clone(model, graph=getattr(optimizer, "graph", None))
+  copy = nnx.clone(model, **_graph_kwargs(optimizer))
   nnx.update(copy, averaged)
   return copy

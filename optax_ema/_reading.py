@@ -24,6 +24,7 @@ from optax_ema import _power_ema
 from optax_ema import _power_math
 from optax_ema import _swa
 from optax_ema import _tree_utils
+from optax_ema import _variables
 
 
 class View(NamedTuple):
@@ -261,6 +262,9 @@ def averaged_params(
     >>> print(avg["w"].dtype, avg["w"])
     bfloat16 [1 1]
   """
+  original = params
+  opt_state = _variables.strip(opt_state)
+  params = _variables.strip(params)
   state = find_average_state(opt_state)
   view = pick(state, which)
   average = view.tree
@@ -278,8 +282,10 @@ def averaged_params(
         "`averaged_params(opt_state, params)`."
       )
     return average
-  _tree_utils.check_like(average, params, "params", "the averaged parameters")
-  return with_params(view, params)
+  _tree_utils.check_like(
+    average, params, "params", "the averaged parameters", static_ok=True
+  )
+  return _variables.rewrap(original, with_params(view, params))
 
 
 def with_params(view: View, params: Any) -> Any:
@@ -294,11 +300,10 @@ def with_params(view: View, params: Any) -> Any:
   out, k = [], 0
   for p, a in zip(flat, averages, strict=True):
     array_index = k
-    if p is not None and not isinstance(a, optax.MaskedNode):
-      k += 1
-    if p is None or isinstance(a, optax.MaskedNode):
+    if p is None or _tree_utils.is_none_or_masked(a):
       out.append(p)
       continue
+    k += 1
     if not (_tree_utils.is_float(a) and _tree_utils.is_float(p)):
       out.append(p)
       continue
