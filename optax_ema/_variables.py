@@ -28,7 +28,8 @@ def _types() -> tuple[type, ...]:
   return tuple(t for t in found if isinstance(t, type))
 
 
-def _value(variable: Any) -> Any:
+def value(variable: Any) -> Any:
+  """A ``Variable``'s value (``get_value()``, or ``.value`` before flax 0.11)."""
   get = getattr(variable, "get_value", None)
   return get() if callable(get) else variable.value
 
@@ -48,7 +49,7 @@ def strip(tree: Any) -> Any:
   if not types:
     return tree
   return jax.tree.map(
-    lambda x: _value(x) if isinstance(x, types) else x,
+    lambda x: value(x) if isinstance(x, types) else x,
     tree,
     is_leaf=lambda x: isinstance(x, types),
   )
