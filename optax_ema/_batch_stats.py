@@ -311,7 +311,24 @@ def _set(variable: Any, value: Any) -> None:
 
 
 class TreeAverage(NamedTuple):
-  """An average of a tree kept beside an optimizer: see :func:`tree_average`."""
+  """An average of a tree kept beside an optimizer: see :func:`tree_average`.
+
+  Attributes:
+    init: ``init(tree)`` returns the first state, the average at ``tree``.
+    update: ``update(tree, state)`` moves the average one step towards
+      ``tree`` and returns the new state.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import optax_ema
+    >>> tracker = optax_ema.tree_average(optax_ema.swa(optax.identity(), 0, 1))
+    >>> state = tracker.init({"var": jnp.array([9.0])})
+    >>> for v in (1.0, 3.0):
+    ...   state = tracker.update({"var": jnp.array([v])}, state)
+    >>> print(optax_ema.averaged_params(state)["var"])  # the mean of 1 and 3
+    [2.]
+  """
 
   init: Callable[[Any], optax.OptState]
   update: Callable[[Any, optax.OptState], optax.OptState]

@@ -85,7 +85,8 @@ def diagnostics(
 
   Args:
     opt_state: an optimizer state, or any pytree holding one.
-    params: the current parameters.
+    params: the current parameters, as :func:`optax_ema.averaged_params`
+      takes them (a whole Equinox module, an NNX ``State`` of variables).
     tx: no longer needed (ignored, with a ``DeprecationWarning``).
     which: for a state with several averages, report only this one (an
       index, a key or a decay value).

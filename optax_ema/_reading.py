@@ -236,6 +236,11 @@ def averaged_params(
     params: optional current parameters. When given, float leaves come back
       in the params' dtypes, leaves that are not averaged (masked out, or not
       floating point) come from ``params``, and the structure is checked.
+      It may be a whole model whose state was initialised on a filtered
+      copy: an Equinox module where the state holds ``None`` for its
+      activation functions, floats or integer buffers (anything there but a
+      floating point array comes back as it is), or an NNX ``State`` of
+      ``Variable`` objects such as ``nnx.state(model, nnx.Param)``.
     which: for a state that keeps several averages (``average_decay`` a
       tuple or dict, several ``sigma_rels``), which one to return: an
       index, a key, or a decay (``sigma_rel``) value, matched as float32.
@@ -243,7 +248,11 @@ def averaged_params(
       state with one moving average.
 
   Returns:
-    A pytree with the structure of the parameters. A debiased average
+    A pytree with the structure of the parameters: of ``params``' type when
+    given (an Equinox module; an ``nnx.State`` of new ``Variable`` objects
+    with the types and metadata of ``params``' ones, which ``nnx.update``
+    takes), else of the state's (for an ``nnx.Optimizer``'s state, an
+    ``nnx.State`` of plain arrays). A debiased average
     (``debias=True``) comes back bias-corrected, ``average / weight``, and
     as the initial params before the first averaging step.
 
