@@ -133,3 +133,27 @@ def test_import_optax_ema_does_not_import_equinox():
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "False"
+
+
+def test_tree_average_keeps_an_average_of_batch_norm_state():
+  bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+    3, "batch", momentum=0.5, mode="ema"
+  )
+  tracker = optax_ema.tree_average(optax_ema.swa(optax.identity(), 0, 1))
+  tracked = tracker.init(state)
+  forward = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+  x = np.arange(12.0, dtype=np.float32).reshape(4, 3)
+  running, history = np.zeros(3), []
+  for i in range(3):
+    batch = x * (i + 1)
+    _, state = forward(jnp.asarray(batch), state)
+    running = batch.mean(axis=0) if i == 0 else 0.5 * running + 0.5 * batch.mean(0)
+    history.append(running)
+    tracked = tracker.update(state, tracked)
+  averaged = optax_ema.averaged_params(tracked, state)
+  assert type(averaged) is type(state)
+  means = [leaf for leaf in jax.tree.leaves(averaged) if leaf.shape == (3,)]
+  np.testing.assert_allclose(means[0], np.mean(history, axis=0), rtol=1e-6)
+  # The running mean of the live state is the last one, not the average.
+  live = [leaf for leaf in jax.tree.leaves(state) if leaf.shape == (3,)]
+  np.testing.assert_allclose(live[0], history[-1], rtol=1e-6)
