@@ -12,6 +12,10 @@ from optax_ema import schedules
 from optax_ema._average_op import average_op
 from optax_ema._averages import Averages
 from optax_ema._averages import DebiasedAverage
+from optax_ema._batch_stats import TreeAverage
+from optax_ema._batch_stats import recompute_batch_stats
+from optax_ema._batch_stats import recompute_nnx_batch_stats
+from optax_ema._batch_stats import tree_average
 from optax_ema._diagnostics import diagnostics
 from optax_ema._flax import averaged_nnx_model
 from optax_ema._flax import averaged_nnx_state
@@ -40,6 +44,7 @@ __all__ = [
   "MovingAverageState",
   "PowerEmaState",
   "SWAState",
+  "TreeAverage",
   "average_op",
   "averaged_nnx_model",
   "averaged_nnx_state",
@@ -49,10 +54,13 @@ __all__ = [
   "moving_average",
   "posthoc",
   "power_ema",
+  "recompute_batch_stats",
+  "recompute_nnx_batch_stats",
   "restore_checkpoint",
   "resume_with_average",
   "schedules",
   "state_shardings",
   "swa",
+  "tree_average",
   "upgrade_state",
 ]

@@ -11,6 +11,7 @@ import optax
 
 from optax_ema import _reading
 from optax_ema import _tree_utils
+from optax_ema import _variables
 
 
 def _drift(average: Any, params: Any) -> jax.Array:
@@ -84,7 +85,8 @@ def diagnostics(
 
   Args:
     opt_state: an optimizer state, or any pytree holding one.
-    params: the current parameters.
+    params: the current parameters, as :func:`optax_ema.averaged_params`
+      takes them (a whole Equinox module, an NNX ``State`` of variables).
     tx: no longer needed (ignored, with a ``DeprecationWarning``).
     which: for a state with several averages, report only this one (an
       index, a key or a decay value).
@@ -121,6 +123,8 @@ def diagnostics(
       "`diagnostics` needs the current parameters (for the drift): call "
       "`diagnostics(opt_state, params)`."
     )
+  opt_state = _variables.strip(opt_state)
+  params = _variables.strip(params)
   state = _reading.find_average_state(opt_state, caller="diagnostics")
   out: dict[str, jax.Array] = {"count": jnp.asarray(state.count)}
   _, all_views = _reading.views(state)
@@ -129,7 +133,9 @@ def diagnostics(
   else:
     chosen = [(v, f"/{v.key}") for v in all_views]
   for view, suffix in chosen:
-    _tree_utils.check_like(view.tree, params, "params", "the averaged parameters")
+    _tree_utils.check_like(
+      view.tree, params, "params", "the averaged parameters", static_ok=True
+    )
     average = view.tree if view.empty is None else _reading.with_params(view, params)
     out[f"drift{suffix}"] = _drift(average, params)
     out.update(_step_entries(view, suffix))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from optax_ema import _reading
+from optax_ema import _variables
 
 _FLAX_HINT = (
   "requires Flax, which is not installed: `pip install flax` "
@@ -25,6 +26,12 @@ def _import_nnx(caller: str) -> Any:
   return nnx
 
 
+def _graph_kwargs(optimizer: Any) -> dict[str, Any]:
+  """``graph=`` as the optimizer holds it (flax>=0.12), else nothing."""
+  graph = getattr(optimizer, "graph", None)
+  return {} if graph is None else {"graph": graph}
+
+
 def averaged_train_state(state: Any, *, which: Any = None) -> Any:
   """Returns a copy of a Flax ``TrainState`` whose params are the averages.
 
@@ -37,11 +44,10 @@ def averaged_train_state(state: Any, *, which: Any = None) -> Any:
 
   BatchNorm running statistics are not parameters, so they are not averaged:
   the copy keeps the live ``batch_stats``, which the live parameters produced.
-  They are themselves an exponential moving average of batch statistics and
-  usually fit the averaged parameters well when the decay is high. For long
-  averages (SWA style) recompute them with a few training-mode forward passes
-  of the averaged model (``mutable=["batch_stats"]``), or keep an average of
-  ``batch_stats`` too with :func:`optax_ema.average_op`.
+  For the averaged parameters, recompute them with
+  :func:`optax_ema.recompute_batch_stats` (the mean of the per-batch
+  statistics over a few batches), or keep an average of ``batch_stats``
+  beside the optimizer with :func:`optax_ema.tree_average`.
 
   Args:
     state: a ``flax.training.train_state.TrainState`` (or any Flax struct
@@ -97,11 +103,20 @@ def averaged_nnx_state(model: Any, optimizer: Any, *, which: Any = None) -> Any:
   """Returns the averaged parameters of an NNX model as an ``nnx.State``.
 
   The state holds the variables ``optimizer.wrt`` selects (usually
-  ``nnx.Param``) with their averaged values, in the params' dtypes; use
-  ``nnx.update(copy_of_model, averaged_state)`` to load them into a copy of
-  the model (:func:`averaged_nnx_model` does that). Variables the optimizer
-  does not train, such as RNG keys and counts, BatchNorm statistics or
-  counters, are not in it.
+  ``nnx.Param``) with their averaged values, in the params' dtypes: new
+  ``Variable`` objects of the model's types with the model's metadata
+  (sharding annotations included). Use ``nnx.update(copy_of_model,
+  averaged_state)`` to load them into a copy of the model
+  (:func:`averaged_nnx_model` does that). Variables the optimizer does not
+  train, such as RNG keys and counts or counters, are not in it; BatchNorm
+  statistics are in it, averaged, when ``wrt`` covers them
+  (``wrt=(nnx.Param, nnx.BatchStat)``).
+
+  The values are a copy taken now: unlike ``nnx.EMA.apply_to``, nothing here
+  follows later optimizer steps. Call it again (it is cheap) after training
+  on, e.g. before each evaluation. Calling
+  ``optax_ema.averaged_params(optimizer.opt_state, nnx.state(model, wrt))``
+  gives the same state.
 
   Args:
     model: the ``nnx.Module`` being trained.
@@ -110,8 +125,8 @@ def averaged_nnx_state(model: Any, optimizer: Any, *, which: Any = None) -> Any:
     which: passed to :func:`optax_ema.averaged_params`.
 
   Returns:
-    An ``nnx.State`` with the structure of ``nnx.state(model, optimizer.wrt)``
-    holding plain arrays.
+    An ``nnx.State`` with the structure, variable types and metadata of
+    ``nnx.state(model, optimizer.wrt)``, holding the averages.
 
   Raises:
     ImportError: Flax is not installed.
@@ -139,13 +154,12 @@ def averaged_nnx_state(model: Any, optimizer: Any, *, which: Any = None) -> Any:
       "`optimizer` must be an nnx.Optimizer (with `opt_state` and `wrt`), got "
       f"{type(optimizer).__name__}."
     )
-  graph = getattr(optimizer, "graph", None)
-  params = nnx.as_pure(nnx.state(model, optimizer.wrt, graph=graph))
-  opt_state = nnx.as_pure(optimizer.opt_state)
+  params = nnx.state(model, optimizer.wrt, **_graph_kwargs(optimizer))
+  opt_state = _variables.strip(optimizer.opt_state)
   found = _reading.find_average_states(opt_state)
   if len(found) != 1:
     _reading.find_average_state(opt_state, caller="averaged_nnx_state")
-  return _reading.averaged_params(opt_state, params, which=which)
+  return _reading.averaged_params(optimizer.opt_state, params, which=which)
 
 
 def averaged_nnx_model(model: Any, optimizer: Any, *, which: Any = None) -> Any:
@@ -154,10 +168,15 @@ def averaged_nnx_model(model: Any, optimizer: Any, *, which: Any = None) -> Any:
   The copy is made with ``nnx.clone`` and then ``nnx.update`` with
   :func:`averaged_nnx_state`: its trained variables (``optimizer.wrt``) hold
   the averages, and every other variable (RNG keys and counts, BatchNorm
-  statistics, counters) starts as a copy of the model's. Calling the copy
-  never touches ``model``: its RNG streams, statistics and counters stay
-  where they were. Put the copy in eval mode (``copy.eval()``) for
-  evaluation.
+  statistics unless ``wrt`` covers them, counters) starts as a copy of the
+  model's. Calling the copy never touches ``model``: its RNG streams,
+  statistics and counters stay where they were. Put the copy in eval mode
+  (``copy.eval()``) for evaluation, and give it its own BatchNorm statistics
+  with :func:`optax_ema.recompute_nnx_batch_stats`.
+
+  The copy does not follow later optimizer steps (``nnx.EMA.apply_to``'s
+  model does): make a new one, or ``nnx.update(copy,
+  averaged_nnx_state(model, optimizer))``, before each evaluation.
 
   Args:
     model: the ``nnx.Module`` being trained.
@@ -187,6 +206,6 @@ def averaged_nnx_model(model: Any, optimizer: Any, *, which: Any = None) -> Any:
   """
   nnx = _import_nnx("averaged_nnx_model")
   averaged = averaged_nnx_state(model, optimizer, which=which)
-  copy = nnx.clone(model, graph=getattr(optimizer, "graph", None))
+  copy = nnx.clone(model, **_graph_kwargs(optimizer))
   nnx.update(copy, averaged)
   return copy

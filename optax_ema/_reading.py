@@ -26,6 +26,7 @@ from optax_ema import _power_ema
 from optax_ema import _power_math
 from optax_ema import _swa
 from optax_ema import _tree_utils
+from optax_ema import _variables
 
 
 class View(NamedTuple):
@@ -307,6 +308,11 @@ def averaged_params(
     params: optional current parameters. When given, float leaves come back
       in the params' dtypes, leaves that are not averaged (masked out, or not
       floating point) come from ``params``, and the structure is checked.
+      It may be a whole model whose state was initialised on a filtered
+      copy: an Equinox module where the state holds ``None`` for its
+      activation functions, floats or integer buffers (anything there but a
+      floating point array comes back as it is), or an NNX ``State`` of
+      ``Variable`` objects such as ``nnx.state(model, nnx.Param)``.
     which: for a state that keeps several averages (``average_decay`` a
       tuple or dict, several ``sigma_rels``), which one to return: an
       index, a key, or a decay (``sigma_rel``) value, matched as float32.
@@ -314,7 +320,11 @@ def averaged_params(
       state with one moving average.
 
   Returns:
-    A pytree with the structure of the parameters. A debiased average
+    A pytree with the structure of the parameters: of ``params``' type when
+    given (an Equinox module; an ``nnx.State`` of new ``Variable`` objects
+    with the types and metadata of ``params``' ones, which ``nnx.update``
+    takes), else of the state's (for an ``nnx.Optimizer``'s state, an
+    ``nnx.State`` of plain arrays). A debiased average
     (``debias=True``) comes back bias-corrected, ``average / weight``, and
     as the initial params before the first averaging step.
 
@@ -342,6 +352,9 @@ def averaged_params(
     >>> print(avg["w"].dtype, avg["w"])
     bfloat16 [1 1]
   """
+  original = params
+  opt_state = _variables.strip(opt_state)
+  params = _variables.strip(params)
   state = find_average_state(opt_state)
   view = pick(state, which)
   average = view.tree
@@ -359,8 +372,10 @@ def averaged_params(
         "`averaged_params(opt_state, params)`."
       )
     return average
-  _tree_utils.check_like(average, params, "params", "the averaged parameters")
-  return with_params(view, params)
+  _tree_utils.check_like(
+    average, params, "params", "the averaged parameters", static_ok=True
+  )
+  return _variables.rewrap(original, with_params(view, params))
 
 
 def with_params(view: View, params: Any) -> Any:
@@ -375,11 +390,10 @@ def with_params(view: View, params: Any) -> Any:
   out, k = [], 0
   for p, a in zip(flat, averages, strict=True):
     array_index = k
-    if p is not None and not isinstance(a, optax.MaskedNode):
-      k += 1
-    if p is None or isinstance(a, optax.MaskedNode):
+    if p is None or _tree_utils.is_none_or_masked(a):
       out.append(p)
       continue
+    k += 1
     if not (_tree_utils.is_float(a) and _tree_utils.is_float(p)):
       out.append(p)
       continue

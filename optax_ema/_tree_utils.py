@@ -108,13 +108,32 @@ def structure_error(reference: Any, tree: Any, name: str, what: str) -> str:
   )
 
 
-def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
+def is_float_array(x: Any) -> bool:
+  """Whether ``x`` is a floating point array (not a Python scalar)."""
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) and is_float(x)
+
+
+def check_like(
+  reference: Any,
+  tree: Any,
+  name: str,
+  what: str,
+  *,
+  static_ok: bool = False,
+  none_ok: bool = False,
+) -> None:
   """Raises a ValueError naming the first path where ``tree`` leaves ``reference``.
 
   ``reference`` is a state tree shaped like the parameters (it may hold
   ``optax.MaskedNode`` at masked-out leaves and ``None`` at ``None`` leaves);
   ``tree`` is what the caller passed as ``name``. Structures, and the shapes
-  of leaves that ``reference`` holds as arrays, must agree.
+  of leaves that ``reference`` holds as arrays, must agree. With
+  ``static_ok``, ``tree`` may hold anything but a floating point array where
+  ``reference`` holds ``None``: the leaves a filter left out of a whole
+  model (an Equinox module's activation functions, integer buffers). With
+  ``none_ok``, ``tree`` may hold ``None`` where ``reference`` holds an array
+  that is not floating point (the gradient ``eqx.filter_grad`` gives an
+  integer buffer; ``optax.apply_updates`` leaves such a leaf as it is).
   """
   ref_flat = leaves_with_paths(reference)
   ref_def = flatten(reference)[1]
@@ -125,6 +144,16 @@ def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
     raise ValueError(structure_error(reference, tree, name, what)) from None
   for (path, ref_leaf), leaf in zip(ref_flat, tree_leaves, strict=True):
     if ref_leaf is None:
+      if static_ok and leaf is not None and not is_float_array(leaf):
+        continue
+      if static_ok and leaf is not None:
+        raise ValueError(
+          f"`{name}` does not have the structure of {what}: {keystr(path)} is "
+          f"None in the state but a floating point array in `{name}` (the state "
+          "was initialised without this leaf, so it holds no average of it). "
+          "Initialise the optimizer with this leaf, or pass `params` filtered "
+          "as the state was (e.g. `eqx.filter(model, eqx.is_inexact_array)`)."
+        )
       if leaf is not None:
         raise ValueError(
           f"`{name}` does not have the structure of {what}: {keystr(path)} is "
@@ -132,6 +161,8 @@ def check_like(reference: Any, tree: Any, name: str, what: str) -> None:
         )
       continue
     if isinstance(ref_leaf, optax.MaskedNode):
+      continue
+    if leaf is None and none_ok and not is_float(ref_leaf):
       continue
     if leaf is None:
       raise ValueError(
@@ -158,7 +189,7 @@ def check_update_args(caller: str, reference: Any, params: Any, updates: Any) ->
     )
   what = "the parameters the state was initialised with"
   check_like(reference, params, "params", what)
-  check_like(reference, updates, "updates", what)
+  check_like(reference, updates, "updates", what, none_ok=True)
 
 
 def expand_mask(mask: Any, params: Any) -> Any:

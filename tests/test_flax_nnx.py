@@ -87,7 +87,7 @@ def test_nnx_optimizer_trains_and_tracks_the_average():
   assert not np.allclose(
     trajectory[0]["lin1"]["kernel"], trajectory[-1]["lin1"]["kernel"]
   )
-  got = optax_ema.averaged_params(nnx.as_pure(optimizer.opt_state))
+  got = optax_ema.averaged_params(optimizer.opt_state)
   _assert_tree_close(nnx.to_pure_dict(got), want)
   assert int(optimizer.step[...]) == 3
 
@@ -151,3 +151,94 @@ def test_import_optax_ema_works_without_flax():
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "averaged_train_state"
+
+
+def test_averaged_params_and_diagnostics_take_nnx_states_as_handed_out():
+  model, optimizer, trajectory, want = _train()
+  params = nnx.state(model, nnx.Param)  # Param variables, no nnx.as_pure
+  got = optax_ema.averaged_params(optimizer.opt_state, params)
+  assert isinstance(got, nnx.State)
+  assert all(isinstance(v, nnx.Param) for v in jax.tree.leaves(got, is_leaf=_is_var))
+  _assert_tree_close(nnx.to_pure_dict(got), want)
+  copy = nnx.clone(model)
+  nnx.update(copy, got)
+  _assert_tree_close(_pure_params(copy), want)
+  _assert_tree_close(_pure_params(model), trajectory[-1])  # a copy: model untouched
+  stats = optax_ema.diagnostics(optimizer.opt_state, params)
+  live, avg = jax.tree.leaves(trajectory[-1]), jax.tree.leaves(want)
+  diff = np.sqrt(sum(np.sum((a - p) ** 2) for a, p in zip(avg, live, strict=True)))
+  ref = np.sqrt(sum(np.sum(p**2) for p in live))
+  np.testing.assert_allclose(float(stats["drift"]), diff / ref, rtol=1e-5)
+  assert int(stats["count"]) == 3
+
+
+def _is_var(x):
+  return isinstance(x, nnx.Variable)
+
+
+def test_averaged_params_of_the_optimizer_state_alone_updates_a_model():
+  model, optimizer, _, want = _train()
+  got = optax_ema.averaged_params(optimizer.opt_state)
+  assert isinstance(got, nnx.State)
+  copy = nnx.clone(model)
+  nnx.update(copy, got)
+  _assert_tree_close(_pure_params(copy), want)
+
+
+def test_nnx_helpers_keep_variable_metadata_and_sharding():
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model"))
+  with jax.set_mesh(mesh):
+    model = nnx.Linear(4, 8, kernel_init=init, rngs=nnx.Rngs(0))
+    tx = optax_ema.moving_average(optax.sgd(0.1), average_decay=0.5)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    kernel0 = np.asarray(model.kernel[...])
+
+    @nnx.jit
+    def step(model, optimizer):
+      loss = lambda m: jnp.sum(m(jnp.ones((2, 4))) ** 2)
+      optimizer.update(model, nnx.grad(loss)(model))
+
+    step(model, optimizer)
+    want = 0.5 * kernel0 + 0.5 * np.asarray(model.kernel[...])
+    for state in (
+      optax_ema.averaged_params(optimizer.opt_state, nnx.state(model, nnx.Param)),
+      optax_ema.averaged_nnx_state(model, optimizer),
+    ):
+      kernel = state["kernel"]
+      assert isinstance(kernel, nnx.Param)
+      assert kernel.get_metadata() == model.kernel.get_metadata()
+      assert kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+      np.testing.assert_allclose(kernel[...], want, rtol=1e-6)
+    eval_model = optax_ema.averaged_nnx_model(model, optimizer)
+    assert eval_model.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+      None, "model"
+    )
+
+
+def test_wrt_covering_batch_stats_averages_them():
+  model = _Model(nnx.Rngs(params=0, dropout=1))
+  wrt = (nnx.Param, nnx.BatchStat)
+  tx = optax_ema.moving_average(optax.adam(0.05), average_decay=0.6)
+  optimizer = nnx.Optimizer(model, tx, wrt=wrt)
+  x, y = _data()
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss = lambda m: jnp.mean((m(x) - y) ** 2)
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, wrt))(model)
+    optimizer.update(model, grads)
+
+  means = [np.asarray(model.bn.mean[...], np.float64)]
+  for _ in range(3):
+    step(model, optimizer)
+    means.append(np.asarray(model.bn.mean[...], np.float64))
+  assert not np.allclose(means[1], means[-1])
+  want = means[0]
+  for m in means[1:]:
+    want = want - (want - m) * 0.4
+  state = optax_ema.averaged_nnx_state(model, optimizer)
+  assert isinstance(state["bn"]["mean"], nnx.BatchStat)
+  np.testing.assert_allclose(state["bn"]["mean"][...], want, rtol=1e-5, atol=1e-7)
+  eval_model = optax_ema.averaged_nnx_model(model, optimizer)
+  np.testing.assert_allclose(eval_model.bn.mean[...], want, rtol=1e-5, atol=1e-7)

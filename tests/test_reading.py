@@ -313,3 +313,22 @@ def test_an_average_last_in_its_chain_or_in_a_users_tuple_raises_no_alarm(name):
     warnings.simplefilter("error")
     optax_ema.averaged_params(state)
     optax_ema.diagnostics(state, P2)
+
+
+def test_averaged_params_takes_non_array_leaves_where_the_state_holds_none():
+  model = {"w": jnp.array([1.0, 3.0]), "act": jnp.tanh, "rate": 0.5, "n": np.int32(2)}
+  filtered = {"w": model["w"], "act": None, "rate": None, "n": None}
+  tx = optax_ema.moving_average(optax.sgd(1.0), average_decay=0.5)
+  state = tx.init(filtered)
+  _, state = tx.update(
+    {"w": jnp.array([1.0, 1.0]), "act": None, "rate": None, "n": None}, state, filtered
+  )
+  moved = {**model, "w": jnp.array([0.0, 2.0])}
+  got = optax_ema.averaged_params(state, moved)
+  np.testing.assert_allclose(got["w"], [0.5, 2.5])  # 0.5 * w0 + 0.5 * w1
+  assert got["act"] is jnp.tanh and got["rate"] == 0.5 and got["n"] == 2
+  float_there = {**moved, "rate": jnp.array(0.5)}
+  with pytest.raises(
+    ValueError, match=r"\['rate'\] is None in the state but a floating"
+  ):
+    optax_ema.averaged_params(state, float_there)
