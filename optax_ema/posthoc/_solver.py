@@ -27,6 +27,10 @@ from numpy.typing import ArrayLike
 from optax_ema import _power_math
 from optax_ema.posthoc import _snapshots
 
+# A reconstruction whose profile misses the target by more than this relative
+# L2 distance (``fit_error``) is a poor stand-in for the target width.
+FIT_ERROR_WARNING = 0.1
+
 
 class ReconstructionWeights(NamedTuple):
   """The coefficients that combine stored profiles into a target one.
