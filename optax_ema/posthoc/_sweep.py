@@ -245,7 +245,7 @@ def plot_sweep(
     >>> from optax_ema import posthoc
     >>> rows = [
     ...   posthoc.SweepRow(s, 1000, e, {"loss": v})
-    ...   for s, e, v in [(0.02, 0.2, 0.3), (0.07, 0.0, 0.2), (0.2, 0.01, 0.25)]
+    ...   for s, e, v in [(0.02, 0.2, 0.3), (0.07, 0, 0.2), (0.2, 0, 0.25)]
     ... ]
     >>> fig = posthoc.plot_sweep(rows, tracked=(0.05, 0.10), key="loss")
     >>> ax = fig.axes[0]
