@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 import optax_ema
 from optax_ema import posthoc
 from optax_ema.posthoc import _reconstruct
+from optax_ema.posthoc import _solver
 
 STEPS, EVERY = 400, 50
 WIDTHS = [0.04, 0.05, 0.07, 0.10, 0.15]
@@ -131,11 +132,18 @@ def test_per_width_fit_warnings_are_folded_into_one(run, monkeypatch):
     warnings.warn("something else", RuntimeWarning, stacklevel=2)
     return original(*args, **kwargs)
 
+  solve = _solver.select_weights
+
+  def noisy_solver(*args, **kwargs):
+    warnings.warn("the fit error is 0.5", UserWarning, stacklevel=2)
+    return solve(*args, **kwargs)
+
   monkeypatch.setattr(_reconstruct, "reconstruct", noisy)
+  monkeypatch.setattr(_solver, "select_weights", noisy_solver)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     posthoc.sweep(directory, [0.01, 0.02, 0.07], lambda p: 0.0)
-  fit = [w for w in caught if "fit_error" in str(w.message)]
+  fit = [w for w in caught if "fit" in str(w.message)]
   other = [w for w in caught if w.category is RuntimeWarning]
   assert len(fit) == 1 and "of 3 widths" in str(fit[0].message)
   assert len(other) == 3  # other warnings are not swallowed

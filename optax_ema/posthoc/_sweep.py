@@ -157,11 +157,13 @@ def sweep(
   snaps = _snapshots.load_snapshots(directory)
   rows = []
   for sigma_rel in widths:
-    weights = _solver.select_weights(snaps, sigma_rel, step)
+    # The per-width fit warning (of the solver or of reconstruct) is folded
+    # into one for the sweep; any other warning goes on.
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
+      weights = _solver.select_weights(snaps, sigma_rel, step)
       params = _reconstruct.reconstruct(snaps, sigma_rel, weights.step, like=like)
-    for w in caught:  # everything but the per-width fit warning goes on
+    for w in caught:
       if not (
         issubclass(w.category, UserWarning) and _FIT_WARNING.search(str(w.message))
       ):
