@@ -546,16 +546,26 @@ def render_markdown(report: dict) -> str:
     "profiles 0.05 and 0.10; relative L2 error of the reconstruction at the "
     "last step against the exact power EMA of the walk.",
     "",
+    # Two tables, the solver and the errors, so that each fits a page.
     "| snapshots | target sigma_rel | fit error | max abs coefficient "
-    "difference vs EDM2 | optax_ema, fp16 snapshots | EDM2 solver (NumPy, "
-    "float64), same snapshots | unnormalised (0.1.0), same snapshots | "
-    "optax_ema, fp32 snapshots |",
-    "|---|---|---|---|---|---|---|---|",
+    "difference vs EDM2 |",
+    "|---|---|---|---|",
   ]
   for r in report["accuracy"]:
     lines.append(
       f"| {r['snapshots']} | {r['target']:.2f} | {r['fit_error']:.1e} | "
-      f"{r['max_coefficient_difference']:.0e} | {r['ours_fp16']:.2e} | "
+      f"{r['max_coefficient_difference']:.0e} |"
+    )
+  lines += [
+    "",
+    "| snapshots | target sigma_rel | optax_ema, fp16 snapshots | EDM2 solver "
+    "(NumPy, float64), same snapshots | unnormalised (0.1.0), same snapshots "
+    "| optax_ema, fp32 snapshots |",
+    "|---|---|---|---|---|---|",
+  ]
+  for r in report["accuracy"]:
+    lines.append(
+      f"| {r['snapshots']} | {r['target']:.2f} | {r['ours_fp16']:.2e} | "
       f"{r['edm2_fp16']:.2e} | {r['unnormalised_fp16']:.2e} | "
       f"{r['ours_fp32']:.2e} |"
     )

@@ -24,6 +24,8 @@ extensions = [
   "sphinx.ext.autodoc",
   "sphinx.ext.autosummary",
   "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",  # [source] links to the highlighted code
+  "sphinx_copybutton",
   "sphinx.ext.mathjax",
   "sphinx-mathjax-offline",  # MathJax from the build, not from a CDN
   "myst_nb",
@@ -53,6 +55,10 @@ def _copy_notebooks() -> None:
 
 _copy_notebooks()
 
+# The copy button leaves out doctest and shell prompts and the output lines.
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+
 nb_execution_mode = "off"
 nb_merge_streams = True
 myst_enable_extensions = ["colon_fence", "dollarmath"]
@@ -65,10 +71,19 @@ myst_heading_anchors = 3
 
 # -- API reference ---------------------------------------------------------
 autodoc_default_options = {"member-order": "bysource"}
-# Signatures show names and defaults only: the docstrings say what each
-# argument takes, and the annotations (jax.typing.ArrayLike alone is a union
-# of nine types) would bury the signature.
-autodoc_typehints = "none"
+# Signatures show names and defaults only (jax.typing.ArrayLike alone is a
+# union of nine types, which would bury them); each documented argument's
+# type is shown beside its description instead.
+autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"
+autodoc_typehints_format = "short"
+# Aliases by name, not the unions they stand for (jax.typing.ArrayLike would
+# otherwise print its nine member types at every argument).
+autodoc_type_aliases = {
+  "ArrayLike": "jax.typing.ArrayLike",
+  "jax.typing.ArrayLike": "jax.typing.ArrayLike",
+  "DecayLike": "float | jax.typing.ArrayLike | Callable",
+}
 autodoc_preserve_defaults = True
 autosummary_generate = False
 napoleon_google_docstring = True
@@ -86,6 +101,8 @@ toc_object_entries_show_parents = "hide"
 nitpicky = True
 nitpick_ignore_regex = [
   (r"py:.*", r"(optax|jax|jaxlib|numpy|np|flax|nnx|orbax|chex)(\..*)?"),
+  # The standard library's types in the argument types (no intersphinx).
+  (r"py:.*", r"(collections\.abc|os|pathlib|typing)\..*"),
   # Private modules are not documented; a type annotation or a docstring may
   # still name one (the reference then renders as plain text).
   (r"py:.*", r"~?optax_ema\._.*"),

@@ -39,7 +39,8 @@ def average_op(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_ema
-    >>> new = optax_ema.average_op(jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0]), 0.9)
+    >>> average, params = jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0])
+    >>> new = optax_ema.average_op(average, params, 0.9)
     >>> print([f"{x:.2f}" for x in new])
     ['0.90', '1.10']
   """

@@ -73,7 +73,8 @@ class Averages:
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optax_ema
-    >>> tx = optax_ema.moving_average(optax.sgd(1.0), {"fast": 0.9, "slow": 0.99})
+    >>> decays = {"fast": 0.9, "slow": 0.99}
+    >>> tx = optax_ema.moving_average(optax.sgd(1.0), decays)
     >>> state = tx.init({"w": jnp.ones(2)})
     >>> print(state.average.keys, state.average.decays)
     ('fast', 'slow') (0.9, 0.99)

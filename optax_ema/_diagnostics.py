@@ -100,13 +100,15 @@ def diagnostics(
     >>> import optax_ema
     >>> params = {"w": jnp.array([1.0, 2.0])}
     >>> tx = optax.chain(
-    ...   optax.clip(1.0), optax_ema.moving_average(optax.sgd(1.0), average_decay=0.9)
+    ...   optax.clip(1.0),
+    ...   optax_ema.moving_average(optax.sgd(1.0), average_decay=0.9),
     ... )
     >>> state = tx.init(params)
     >>> updates, state = tx.update({"w": jnp.ones(2)}, state, params)
     >>> params = optax.apply_updates(params, updates)
     >>> stats = optax_ema.diagnostics(state, params)
-    >>> print(f"{stats['decay']:.2f} {stats['window']:.1f} {stats['count']}")
+    >>> decay, window = stats["decay"], stats["window"]
+    >>> print(f"{decay:.2f} {window:.1f} {stats['count']}")
     0.90 10.0 1
     >>> print(f"{stats['drift']:.4f}")
     1.2728

@@ -139,11 +139,11 @@ def averaged_nnx_state(model: Any, optimizer: Any, *, which: Any = None) -> Any:
     >>> import optax_ema
     >>> from flax import nnx
     >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
-    >>> optimizer = nnx.Optimizer(
-    ...   model, optax_ema.moving_average(optax.sgd(1.0), 0.75), wrt=nnx.Param
-    ... )
-    >>> for _ in range(2):  # the loss is the bias's sum: its gradient is one
-    ...   _ = optimizer.update(model, nnx.grad(lambda m: m.bias.sum())(model))
+    >>> tx = optax_ema.moving_average(optax.sgd(1.0), 0.75)
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> loss = lambda m: m.bias.sum()  # its gradient is one
+    >>> for _ in range(2):
+    ...   _ = optimizer.update(model, nnx.grad(loss)(model))
     >>> state = optax_ema.averaged_nnx_state(model, optimizer)
     >>> print(sorted(state), f"{state['bias'][0]:.4f} {model.bias[0]:.4f}")
     ['bias', 'kernel'] -0.6875 -2.0000

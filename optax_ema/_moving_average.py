@@ -51,8 +51,10 @@ class MovingAverageState(NamedTuple):
     >>> import optax_ema
     >>> tx = optax_ema.moving_average(optax.sgd(1.0), average_decay=0.5)
     >>> state = tx.init({"w": jnp.array([2.0])})
-    >>> _, state = tx.update({"w": jnp.array([1.0])}, state, {"w": jnp.array([2.0])})
-    >>> print(int(state.count), f"{state.average['w'][0]:.2f} {state.step_size:.2f}")
+    >>> grads, params = {"w": jnp.array([1.0])}, {"w": jnp.array([2.0])}
+    >>> _, state = tx.update(grads, state, params)
+    >>> average, step_size = state.average["w"][0], state.step_size
+    >>> print(int(state.count), f"{average:.2f} {step_size:.2f}")
     1 1.50 0.50
   """
 

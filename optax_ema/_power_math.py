@@ -112,8 +112,10 @@ def sigma_rel_to_gamma(sigma_rel: jax.typing.ArrayLike) -> Any:
 
   Examples:
     >>> from optax_ema._power_math import sigma_rel_to_gamma
-    >>> print(f"{sigma_rel_to_gamma(0.05):.4f} {sigma_rel_to_gamma(0.10):.4f}")
-    16.9722 6.9372
+    >>> for sigma_rel in (0.05, 0.10):
+    ...   print(f"{sigma_rel_to_gamma(sigma_rel):.4f}")
+    16.9722
+    6.9372
 
   References:
     Karras et al., "Analyzing and Improving the Training Dynamics of

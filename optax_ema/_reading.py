@@ -346,7 +346,8 @@ def averaged_params(
     >>> import optax
     >>> import optax_ema
     >>> params = {"w": jnp.ones(2, jnp.bfloat16)}
-    >>> tx = optax.chain(optax.clip(1.0), optax_ema.moving_average(optax.sgd(0.1)))
+    >>> ema = optax_ema.moving_average(optax.sgd(0.1))
+    >>> tx = optax.chain(optax.clip(1.0), ema)
     >>> state = tx.init(params)
     >>> avg = optax_ema.averaged_params(state, params)
     >>> print(avg["w"].dtype, avg["w"])

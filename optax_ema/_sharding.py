@@ -122,7 +122,9 @@ def state_shardings(
     >>> print(shardings.average["w"].memory_kind, adam_mu["w"].memory_kind)
     pinned_host device
     >>> abstract = jax.eval_shape(tx.init, params)
-    >>> like = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    >>> like = lambda x, s: jax.ShapeDtypeStruct(
+    ...   x.shape, x.dtype, sharding=s
+    ... )
     >>> target = jax.tree.map(like, abstract, shardings)
     >>> print(target.average["w"].sharding.memory_kind)
     pinned_host

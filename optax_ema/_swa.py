@@ -36,7 +36,9 @@ class SWAState(NamedTuple):
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optax_ema
-    >>> tx = optax_ema.swa(optax.sgd(1.0), start_averaging=2, average_period=5)
+    >>> tx = optax_ema.swa(
+    ...   optax.sgd(1.0), start_averaging=2, average_period=5
+    ... )
     >>> state = tx.init({"w": jnp.ones(2)})
     >>> print(type(state).__name__, int(state.count), state.average["w"])
     SWAState 0 [1. 1.]
@@ -140,7 +142,9 @@ def swa(
     >>> import optax
     >>> import optax_ema
     >>> params = {"w": jnp.array([1.0, 2.0])}
-    >>> tx = optax_ema.swa(optax.sgd(1.0), start_averaging=0, average_period=1)
+    >>> tx = optax_ema.swa(
+    ...   optax.sgd(1.0), start_averaging=0, average_period=1
+    ... )
     >>> state = tx.init(params)
     >>> for _ in range(3):
     ...   grads = {"w": jnp.array([0.1, 0.1])}

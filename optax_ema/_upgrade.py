@@ -129,7 +129,8 @@ def upgrade_state(restored: Any, like: optax.OptState) -> optax.OptState:
     ...   "average": {"w": jnp.full(2, 0.5)},
     ...   "count": jnp.asarray(3, jnp.int32),
     ... }
-    >>> state = optax_ema.upgrade_state(restored, jax.eval_shape(tx.init, params))
+    >>> like = jax.eval_shape(tx.init, params)
+    >>> state = optax_ema.upgrade_state(restored, like)
     >>> print(type(state).__name__, int(state.count), state.average["w"])
     MovingAverageState 3 [0.5 0.5]
   """

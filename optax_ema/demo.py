@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   Examples:
     >>> from optax_ema import demo
-    >>> args = demo.build_parser().parse_args(["--steps", "100", "--no-plot"])
+    >>> parser = demo.build_parser()
+    >>> args = parser.parse_args(["--steps", "100", "--no-plot"])
     >>> print(args.steps, f"{args.decay:.2f}", args.optimizer, args.no_plot)
     100 0.99 momentum True
   """
@@ -304,8 +305,10 @@ def decay_at(step: int, decay: float) -> float:
 
   Examples:
     >>> from optax_ema import demo
-    >>> print(f"{demo.decay_at(0, 0.99):.4f} {demo.decay_at(5000, 0.99):.4f}")
-    0.1000 0.9900
+    >>> for step in (0, 5000):
+    ...   print(f"{demo.decay_at(step, 0.99):.4f}")
+    0.1000
+    0.9900
   """
   return min(decay, (1.0 + step) / (10.0 + step))
 
@@ -452,8 +455,9 @@ def format_table(history: History, args: argparse.Namespace) -> str:
     >>> args = demo.build_parser().parse_args(["--steps", "1"])
     >>> history = demo.History([0, 1], [0.0, 0.1], [0.1, 0.5], [0.1, 0.75],
     ...                        [2.3, 1.5], [2.3, 1.25])
-    >>> print(demo.format_table(history, args).splitlines()[-1])
-    at step 1, averaged vs raw: test accuracy +25.00 points, test loss -0.2500
+    >>> last = demo.format_table(history, args).splitlines()[-1]
+    >>> print(last.split(": ")[1])
+    test accuracy +25.00 points, test loss -0.2500
   """
   rows = sorted({_table_step(args.steps, f) for f in TABLE_FRACTIONS})
   lr = OPTIMIZERS[args.optimizer][1] if args.lr is None else args.lr

@@ -179,3 +179,24 @@ def test_page_linked_from_the_readme_exists(link, html):
 def _github_slug(heading: str) -> str:
   slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
   return slug.replace(" ", "-")
+
+
+def test_api_pages_link_to_their_source(html):
+  page = (html / "api" / "averaging.html").read_text(encoding="utf-8")
+  assert "viewcode-link" in page  # the [source] links of sphinx.ext.viewcode
+  assert (html / "_modules" / "optax_ema" / "_moving_average.html").is_file()
+
+
+def test_api_pages_show_argument_types(html):
+  page = (html / "api" / "averaging.html").read_text(encoding="utf-8")
+  text = re.sub(r"<[^>]+>", "", page)
+  assert "average_decay (float | jax.typing.ArrayLike | Callable)" in text
+  assert "sequential_update (bool)" in text
+
+
+def test_code_blocks_have_a_copy_button_that_skips_prompts(html):
+  page = (html / "index.html").read_text(encoding="utf-8")
+  assert "_static/copybutton.js" in page
+  script = (html / "_static" / "copybutton.js").read_text(encoding="utf-8")
+  # The prompts it strips: doctest's and the shell's.
+  assert "formatCopyText(text, '>>> |\\\\.\\\\.\\\\. |\\\\$ ', true" in script

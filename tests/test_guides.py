@@ -17,6 +17,7 @@ DOCS = ROOT / "docs"
 # them in order, in one namespace.
 IN_ORDER = {
   "guides/posthoc.md": "tests/test_posthoc_guide.py",
+  "guides/sharded_training.md": "tests/test_sharded_training_guide.py",
 }
 PAGES = [
   page

@@ -72,14 +72,14 @@ def test_guide_code_and_commands_run(tmp_path, monkeypatch, capsys):
   assert (tmp_path / "ema_007").is_dir()
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_guide_tables_are_the_benchmark_results(index):
   results = _tables(RESULTS)
-  assert len(results) == 3  # accuracy, memory and time, bounds
+  assert len(results) == 4  # solver, accuracy, memory and time, bounds
   assert results[index] in _tables(GUIDE)
 
 
 def test_guide_error_figure_is_the_benchmark_result():
-  rows = [r for r in _tables(RESULTS)[1].splitlines()[2:] if r.split("|")[-2].strip()]
+  rows = [r for r in _tables(RESULTS)[2].splitlines()[2:] if r.split("|")[-2].strip()]
   worst = max(float(r.split("|")[-2]) for r in rows)
   assert f"at most {worst:.1e} (absolute" in " ".join(GUIDE.split())

@@ -59,7 +59,9 @@ class MovingAverage(_AveragedOptimizer):
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_ema
-    >>> opt = optax_ema.MovingAverage("sgd", average_decay=0.5, learning_rate=2.0)
+    >>> opt = optax_ema.MovingAverage(
+    ...   "sgd", average_decay=0.5, learning_rate=2.0
+    ... )
     >>> params = [jnp.array([1.0, 2.0])]
     >>> for _ in range(2):
     ...   params = opt.apply_gradients(zip([jnp.array([0.1, 0.1])], params))
@@ -144,7 +146,8 @@ class SWA(_AveragedOptimizer):
     >>> opt = optax_ema.SWA("sgd", 0, 1, learning_rate=1.0)
     >>> params = {"w": jnp.array([1.0, 2.0])}
     >>> for _ in range(3):
-    ...   params = opt.apply_gradients(({"w": jnp.array([0.1, 0.1])}, params))
+    ...   grads = {"w": jnp.array([0.1, 0.1])}
+    ...   params = opt.apply_gradients((grads, params))
     >>> print([f"{x:.2f}" for x in opt.assign_average_vars(params)["w"]])
     ['0.80', '1.80']
 

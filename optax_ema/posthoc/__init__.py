@@ -5,8 +5,9 @@ profiles (e.g. ``sigma_rel=(0.05, 0.10)``), save snapshots of them every few
 thousand steps with :class:`SnapshotWriter` (or :func:`save_snapshot`), and
 afterwards synthesize the average of any other profile width with
 :func:`reconstruct`: a least-squares fit of the target profile by the stored
-ones (EDM2's Algorithm 3), normalised as in the released EDM2 code. From the
-command line::
+ones (EDM2's Algorithm 3), normalised as in the released EDM2 code.
+:func:`sweep` evaluates many widths and :func:`plot_sweep` draws the curve.
+From the command line::
 
   python -m optax_ema.posthoc DIR --list
   python -m optax_ema.posthoc DIR --sigma-rel 0.07 --out OUT
@@ -51,6 +52,9 @@ from optax_ema.posthoc._snapshots import load_snapshots
 from optax_ema.posthoc._solver import ReconstructionWeights
 from optax_ema.posthoc._solver import reconstruction_weights
 from optax_ema.posthoc._solver import solve_weights
+from optax_ema.posthoc._sweep import SweepRow
+from optax_ema.posthoc._sweep import plot_sweep
+from optax_ema.posthoc._sweep import sweep
 from optax_ema.posthoc._writer import SnapshotWriter
 from optax_ema.posthoc._writer import save_snapshot
 from optax_ema.posthoc._writer import wait_until_finished
@@ -60,9 +64,11 @@ __all__ = [
   "Snapshot",
   "SnapshotRun",
   "SnapshotWriter",
+  "SweepRow",
   "gamma_to_sigma_rel",
   "load_snapshots",
   "main",
+  "plot_sweep",
   "reconstruct",
   "reconstruction_weights",
   "save_snapshot",
@@ -70,5 +76,6 @@ __all__ = [
   "sigma_rel_to_gamma",
   "snapshot_items",
   "solve_weights",
+  "sweep",
   "wait_until_finished",
 ]

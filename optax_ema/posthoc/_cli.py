@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
     >>> state = tx.init(params)
     >>> with tempfile.TemporaryDirectory() as d:
-    ...   with posthoc.SnapshotWriter(pathlib.Path(d) / "snaps", every=20) as w:
+    ...   snaps = pathlib.Path(d) / "snaps"
+    ...   with posthoc.SnapshotWriter(snaps, every=20) as w:
     ...     for step in range(1, 41):
     ...       updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
     ...       params = optax.apply_updates(params, updates)

@@ -313,7 +313,8 @@ def reconstruct(
     >>> tx = optax_ema.power_ema(optax.sgd(0.01), sigma_rels=(0.05, 0.10))
     >>> state = tx.init(params)
     >>> with tempfile.TemporaryDirectory() as d:
-    ...   with posthoc.SnapshotWriter(d, every=20, dtype=jnp.float32) as writer:
+    ...   f32 = jnp.float32
+    ...   with posthoc.SnapshotWriter(d, every=20, dtype=f32) as writer:
     ...     for step in range(1, 101):
     ...       updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
     ...       params = optax.apply_updates(params, updates)

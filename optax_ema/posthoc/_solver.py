@@ -116,7 +116,8 @@ def solve_weights(
   Examples:
     >>> import numpy as np
     >>> from optax_ema import posthoc
-    >>> c, err = posthoc.solve_weights([50, 100, 100], [6.94, 6.94, 16.97], 100, 6.94)
+    >>> steps, gammas = [50, 100, 100], [6.94, 6.94, 16.97]
+    >>> c, err = posthoc.solve_weights(steps, gammas, 100, 6.94)
     >>> print(np.round(c, 3) + 0.0)  # + 0.0 turns a rounded -0.0 into 0.0
     [0. 1. 0.]
     >>> print(err < 1e-7)  # zero up to the rounding of the quadratic form
@@ -228,7 +229,7 @@ def warn_if_poorly_fit(
   widths = ", ".join(f"{s:g}" for s in tracked)
   warnings.warn(
     f"posthoc: the target sigma_rel={weights.sigma_rel:g} at step "
-    f"{weights.step} is fit with a relative L2 error of "
+    f"{weights.step} is fit with a relative L2 error (fit_error) of "
     f"{weights.fit_error:.2f} (above {FIT_ERROR_WARNING:g}): the stored "
     f"profiles (sigma_rels {widths}) cannot express it well, and its average "
     "is an extrapolation. Track a width nearer to it "
@@ -279,16 +280,18 @@ def reconstruction_weights(
     >>> params = {"w": jnp.zeros(2)}
     >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
     >>> state = tx.init(params)
-    >>> with tempfile.TemporaryDirectory() as d, posthoc.SnapshotWriter(d) as writer:
-    ...   for step in range(1, 41):
-    ...     updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
-    ...     params = optax.apply_updates(params, updates)
-    ...     if step % 20 == 0:
-    ...       _ = writer.save(state)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   with posthoc.SnapshotWriter(d) as writer:
+    ...     for step in range(1, 41):
+    ...       updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
+    ...       params = optax.apply_updates(params, updates)
+    ...       if step % 20 == 0:
+    ...         _ = writer.save(state)
     ...   w = posthoc.reconstruction_weights(d, sigma_rel=0.07)
     >>> print(w.step, w.snapshot_steps, w.snapshot_sigma_rels)
     40 [20 20 40 40] [0.05 0.1  0.05 0.1 ]
-    >>> print([f"{c:.3f}" for c in w.coefficients], f"{sum(w.coefficients):.3f}")
+    >>> total = sum(w.coefficients)
+    >>> print([f"{c:.3f}" for c in w.coefficients], f"{total:.3f}")
     ['0.000', '-0.002', '0.439', '0.563'] 1.000
   """
   snaps = _snapshots.load_snapshots(directory_or_snapshots)

@@ -326,8 +326,8 @@ def wait_until_finished(directory: str | os.PathLike[str] | None = None) -> None
     >>> with tempfile.TemporaryDirectory() as d:
     ...   path = posthoc.save_snapshot(d, state)
     ...   posthoc.wait_until_finished()
-    ...   print(sorted(p.name for p in path.iterdir()))
-    ['_CHECKPOINT_METADATA', 'commit_success.txt', 'power_ema', 'power_ema_meta']
+    ...   print(*sorted(p.name for p in path.iterdir()))
+    _CHECKPOINT_METADATA commit_success.txt power_ema power_ema_meta
   """
   _snapshots.wait_for_writers(None if directory is None else pathlib.Path(directory))
 
