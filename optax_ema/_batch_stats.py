@@ -108,10 +108,12 @@ def recompute_batch_stats(
     >>> model = nn.BatchNorm(use_running_average=False, momentum=0.9)
     >>> variables = model.init(jax.random.key(0), jnp.ones((4, 1)))
     >>> batches = [jnp.array([[0.0], [2.0]]), jnp.array([[4.0], [8.0]])]
+    >>> params, running = variables["params"], variables["batch_stats"]
     >>> stats = optax_ema.recompute_batch_stats(
-    ...   model.apply, variables["params"], variables["batch_stats"], batches
+    ...   model.apply, params, running, batches
     ... )
-    >>> print(f"{stats['mean'][0]:.2f} {stats['var'][0]:.2f}")  # (1+6)/2, (1+4)/2
+    >>> mean, var = stats["mean"][0], stats["var"][0]
+    >>> print(f"{mean:.2f} {var:.2f}")  # (1 + 6) / 2, (1 + 4) / 2
     3.50 2.50
   """
   nn = _import("recompute_batch_stats", "linen")
@@ -322,11 +324,12 @@ class TreeAverage(NamedTuple):
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import optax_ema
-    >>> tracker = optax_ema.tree_average(optax_ema.swa(optax.identity(), 0, 1))
+    >>> swa = optax_ema.swa(optax.identity(), 0, 1)
+    >>> tracker = optax_ema.tree_average(swa)
     >>> state = tracker.init({"var": jnp.array([9.0])})
     >>> for v in (1.0, 3.0):
     ...   state = tracker.update({"var": jnp.array([v])}, state)
-    >>> print(optax_ema.averaged_params(state)["var"])  # the mean of 1 and 3
+    >>> print(optax_ema.averaged_params(state)["var"])  # mean of 1 and 3
     [2.]
   """
 

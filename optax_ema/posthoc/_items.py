@@ -206,16 +206,17 @@ def snapshot_items(
     >>> from optax_ema import posthoc
     >>> params = {"w": jnp.zeros(2)}
     >>> tx = optax_ema.power_ema(optax.sgd(1.0))
-    >>> state = tx.init(params)
+    >>> state, grads = tx.init(params), {"w": -jnp.ones(2)}
     >>> with tempfile.TemporaryDirectory() as d:
-    ...   with posthoc.SnapshotRun(d) as run, ocp.CheckpointManager(d) as manager:
-    ...     for step in range(1, 5):
-    ...       updates, state = tx.update({"w": -jnp.ones(2)}, state, params)
-    ...       params = optax.apply_updates(params, updates)
-    ...       _ = manager.save(step, args=ocp.args.Composite(
-    ...         params=ocp.args.StandardSave(params),
-    ...         **posthoc.snapshot_items(state, run),
-    ...       ))
+    ...   with posthoc.SnapshotRun(d) as run:
+    ...     with ocp.CheckpointManager(d) as manager:
+    ...       for step in range(1, 5):
+    ...         updates, state = tx.update(grads, state, params)
+    ...         params = optax.apply_updates(params, updates)
+    ...         _ = manager.save(step, args=ocp.args.Composite(
+    ...           params=ocp.args.StandardSave(params),
+    ...           **posthoc.snapshot_items(state, run),
+    ...         ))
     ...   print([s.step for s in posthoc.load_snapshots(d)])
     [1, 2, 3, 4]
   """
