@@ -81,7 +81,9 @@ def diagnostics(
   only the one picked by ``which``); per-leaf decays give one
   ``decay``/``window`` entry per leaf, suffixed with its path. A state
   converted by :func:`optax_ema.upgrade_state` from optax_ema 0.1.0 reads
-  NaN decay and window until its next averaging step.
+  NaN decay and window until its next averaging step, and so does a step
+  whose decay, known only in the step (``optax.inject_hyperparams``,
+  ``jit``), was outside [0, 1] or NaN: it did not average.
 
   Args:
     opt_state: an optimizer state, or any pytree holding one.

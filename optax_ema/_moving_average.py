@@ -41,8 +41,10 @@ class MovingAverageState(NamedTuple):
     step_size: float32, the weight the last averaging step gave the new
       parameters, per step (``1 - decay``; with ``update_every=k`` the
       per-step equivalent of the step taken), 1 before any: what
-      :func:`optax_ema.diagnostics` reports as the decay and the window. A
-      scalar, a vector (one entry per array leaf, as the debias weight) for
+      :func:`optax_ema.diagnostics` reports as the decay and the window;
+      NaN after a step whose decay, known only in the step, was outside
+      [0, 1] (that step did not average, but counted). A scalar, a vector
+      (one entry per array leaf, as the debias weight) for
       per-leaf decays, a tuple of those with several decays.
 
   Examples:

@@ -84,21 +84,24 @@ class _Layout:
 def _warn_if_profiles_freeze(ema_dtype: Any, gamma: float) -> None:
   """Round-to-nearest narrow storage stops a power profile after a while.
 
-  A profile's step ``1 - beta(t)`` shrinks like ``(gamma + 1) / t``: below
-  the storage's relative resolution after about ``(gamma + 1) / eps``
-  updates, every step rounds back to the old average.
+  A profile's step ``1 - beta(t)`` shrinks like ``(gamma + 1) / t``; by the
+  rule of the moving average's warning (a parameter moving by 1e-3 of its
+  value per step, half a place of the storage dtype at most ``eps / 2`` of
+  it), every step rounds back from about ``t = 2e-3 (gamma + 1) / eps`` on.
   """
   storage = jnp.dtype(ema_dtype)
   if storage.itemsize >= 4:
     return
   eps = float(jnp.finfo(storage).eps)
+  after = max(1, round(2 * _validation.RELATIVE_MOVE * (gamma + 1) / eps))
   warnings.warn(
     f"`ema_dtype`={storage.name} with `stochastic_rounding=False`: a power "
-    f"profile's step shrinks like (gamma + 1) / t and falls below "
-    f"{storage.name}'s resolution ({eps:.2g}) after about "
-    f"{(gamma + 1) / eps:,.0f} updates, from where round-to-nearest storage "
-    "will not move. Leave `stochastic_rounding` at its default, or store the "
-    "averages in float32.",
+    f"profile's step shrinks like (gamma + 1) / t, and for a parameter "
+    f"moving by {_validation.RELATIVE_MOVE:g} of its value per step it moves "
+    f"the average by less than half a {storage.name} place from about "
+    f"{after:,} updates on, from where round-to-nearest storage will not "
+    "move. Leave `stochastic_rounding` at its default, or store the averages "
+    "in float32.",
     UserWarning,
     stacklevel=4,
   )

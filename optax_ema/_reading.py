@@ -213,9 +213,10 @@ def warn_if_not_last(opt_state: Any, path: tuple[Any, ...], caller: str) -> None
   own state, so this is read from the root state, through the chains on the
   way to the average.
   """
-  node = opt_state
+  node, parallel = opt_state, False
   for key in path:
-    after = _followers(node, key)
+    # optax.multi_transform keeps a dict of states side by side, not a chain.
+    after = [] if parallel else _followers(node, key)
     if after:
       names = ", ".join(type(x).__name__ for x in after)
       warnings.warn(
@@ -229,6 +230,7 @@ def warn_if_not_last(opt_state: Any, path: tuple[Any, ...], caller: str) -> None
         stacklevel=4,
       )
       return
+    parallel = isinstance(node, optax.MultiTransformState)
     node = _child(node, key)
     if node is None:
       return

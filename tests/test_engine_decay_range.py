@@ -170,3 +170,19 @@ def test_constant_decays_add_no_check_to_the_step():
   params = helpers.params()
   text = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
   assert "conditional" not in text and "case" not in text
+
+
+def test_a_schedule_closing_over_a_traced_value_is_checked_in_the_step():
+  # Built inside jit, the schedule cannot be sampled at construction.
+  params = {"w": jnp.array([1.0, 2.0])}
+
+  @jax.jit
+  def step(peak):
+    tx = optax_ema.moving_average(optax.sgd(LR), lambda count: peak + 0.0 * count)
+    return tx.update({"w": jnp.array([1.0, 1.0])}, tx.init(params), params)[1]
+
+  bad, good = step(jnp.float32(1.25)), step(jnp.float32(0.5))
+  np.testing.assert_array_equal(np.asarray(bad.average["w"]), [1.0, 2.0])
+  assert math.isnan(float(bad.step_size))
+  want = np.array([1.0, 2.0]) - 0.5 * LR
+  np.testing.assert_allclose(np.asarray(good.average["w"]), want, rtol=1e-6)

@@ -303,6 +303,9 @@ LAST_OR_NOT_A_CHAIN = {
     optax.adam(0.1).init(P2),
   ),
   "a user's dict": lambda: {"ema": _ma().init(P2), "d": optax.sgd(0.1).init(P2)},
+  "one partition of optax.multi_transform": lambda: optax.multi_transform(
+    {"ema": _ma(), "plain": optax.sgd(0.1)}, {"w": "ema"}
+  ).init(P2),
 }
 
 
