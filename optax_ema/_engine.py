@@ -9,10 +9,10 @@ rounding, when to move) and lets it do the work:
 - :meth:`Engine.update` decides whether this step averages (the wrapped
   optimizer applied an update, the step is on the ``update_every`` grid, the
   rule moves, every decay given is in [0, 1], the step is finite), and if
-  so moves every average in one
-  pass over the leaves, inside a ``lax.cond`` whose other branch forwards the
-  buffers untouched; it counts the step and, for a periodic overwrite,
-  returns updates that move the params onto the average.
+  so moves every average in one pass over the leaves, inside a ``lax.cond``
+  whose other branch forwards the buffers untouched; it counts the step
+  and, for a periodic overwrite, returns updates that move the params onto
+  the average.
 """
 
 from __future__ import annotations
