@@ -1,0 +1,127 @@
+"""The harness's command line (see ``__main__``)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from typing import Any
+
+import jax
+
+from . import matrix
+from . import tables
+from . import targets
+
+
+def _write(path: str, report: dict[str, Any]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=1, default=str)
+  os.replace(tmp, path)
+
+
+def run(
+  name: str, out: str, only: str = "", resume: bool = False, quiet: bool = False
+) -> dict[str, Any]:
+  """Compile the jobs of matrix ``name`` whose key contains ``only``."""
+  jobs = [j for j in matrix.plan(name) if only in j.key]
+  report: dict[str, Any] = {
+    "matrix": name,
+    "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "versions": targets.versions(),
+    "machine": {
+      "python": sys.version.split()[0],
+      "cpus": os.cpu_count(),
+      "platform": platform.platform(),
+    },
+    "results": [],
+    "errors": [],
+  }
+  done: set[str] = set()
+  if resume and os.path.exists(out + ".json"):
+    with open(out + ".json") as f:
+      old = json.load(f)
+    report["results"] = old["results"]
+    done = {
+      matrix.Job(
+        **{k: r[k] for k in ("target", "model", "program", "layout", "sharding", "row")}
+      ).key
+      for r in old["results"]
+    }
+  t0 = time.perf_counter()
+  for i, job in enumerate(jobs):
+    if job.key in done:
+      continue
+    start = time.perf_counter()
+    try:
+      result = matrix.compile_job(job)
+    except Exception as e:  # recorded, and the run goes on
+      report["errors"].append(
+        {"job": job.key, "error": f"{type(e).__name__}: {e}"[:2000]}
+      )
+      if not quiet:
+        traceback.print_exc()
+      continue
+    result["wall_s"] = time.perf_counter() - start
+    report["results"].append(result)
+    report["elapsed_s"] = time.perf_counter() - t0
+    _write(out + ".json", report)
+    if not quiet:
+      print(
+        f"[{i + 1}/{len(jobs)} {time.perf_counter() - t0:.0f}s] {tables.line(result)}",
+        flush=True,
+      )
+  report["elapsed_s"] = time.perf_counter() - t0
+  matrix.ratios(report["results"])
+  _write(out + ".json", report)
+  with open(out + ".md", "w") as f:
+    f.write(tables.markdown(report))
+  with open(out + ".txt", "w") as f:
+    f.write("\n".join(tables.line(r) for r in report["results"]) + "\n")
+  return report
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(
+    description="Compile-only analysis for TPU pods and GPUs."
+  )
+  parser.add_argument(
+    "--matrix", default="quick", choices=("full", "quick", "cpu", "dry-run")
+  )
+  parser.add_argument(
+    "--only", default="", help="run the jobs whose key holds this text"
+  )
+  parser.add_argument(
+    "--out",
+    default="",
+    help="output prefix (default benchmarks/results/accel_<matrix>)",
+  )
+  parser.add_argument(
+    "--resume", action="store_true", help="skip the jobs already in <out>.json"
+  )
+  parser.add_argument("--list", action="store_true", help="print the jobs and exit")
+  args = parser.parse_args(argv)
+  if args.list:
+    for job in matrix.plan(args.matrix):
+      if args.only in job.key:
+        print(job.key)
+    return
+  if args.matrix in ("dry-run", "cpu") and jax.device_count("cpu") < 8:
+    raise SystemExit(
+      "the cpu targets need 8 CPU devices: set XLA_FLAGS="
+      "--xla_force_host_platform_device_count=8"
+    )
+  out = args.out or os.path.join(
+    "benchmarks", "results", f"accel_{args.matrix.replace('-', '_')}"
+  )
+  report = run(args.matrix, out, args.only, args.resume)
+  print(
+    f"{len(report['results'])} jobs in {report['elapsed_s']:.0f}s,"
+    f" {len(report['errors'])} errors -> {out}.json/.md/.txt"
+  )
