@@ -27,10 +27,17 @@ def _write(path: str, report: dict[str, Any]) -> None:
 
 
 def run(
-  name: str, out: str, only: str = "", resume: bool = False, quiet: bool = False
+  name: str,
+  out: str,
+  only: str = "",
+  resume: bool = False,
+  platform_name: str = "",
+  quiet: bool = False,
 ) -> dict[str, Any]:
   """Compile the jobs of matrix ``name`` whose key contains ``only``."""
   jobs = [j for j in matrix.plan(name) if only in j.key]
+  if platform_name:
+    jobs = [j for j in jobs if targets.TARGETS[j.target].platform == platform_name]
   report: dict[str, Any] = {
     "matrix": name,
     "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -120,7 +127,9 @@ def main(argv: list[str] | None = None) -> None:
   out = args.out or os.path.join(
     "benchmarks", "results", f"accel_{args.matrix.replace('-', '_')}"
   )
-  report = run(args.matrix, out, args.only, args.resume)
+  if args.platform and not args.out:
+    out += f"_{args.platform}"
+  report = run(args.matrix, out, args.only, args.resume, platform_name=args.platform)
   print(
     f"{len(report['results'])} jobs in {report['elapsed_s']:.0f}s,"
     f" {len(report['errors'])} errors -> {out}.json/.md/.txt"

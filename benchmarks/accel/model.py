@@ -23,7 +23,11 @@ from jax.sharding import PartitionSpec as P
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Shapes of the decoder (Llama 3.2 1B and Llama 3 8B by default)."""
+  """Shapes of the decoder.
+
+  ``1b`` has Llama 3.2 1B's shapes with an untied output layer (1.50B
+  params), ``8b`` Llama 3 8B's (8.03B).
+  """
 
   name: str
   vocab: int
