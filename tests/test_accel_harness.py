@@ -24,7 +24,9 @@ from benchmarks.accel import cli  # noqa: E402
 from benchmarks.accel import matrix  # noqa: E402
 from benchmarks.accel import metrics  # noqa: E402
 from benchmarks.accel import model  # noqa: E402
+from benchmarks.accel import recipe  # noqa: E402
 from benchmarks.accel import rows  # noqa: E402
+from benchmarks.accel import tables  # noqa: E402
 from benchmarks.accel import targets  # noqa: E402
 
 # The tiny decoder: vocab 512, width 64, 2 layers, 4 heads of 16 (2 for keys
@@ -233,3 +235,27 @@ def test_gpu_script_dry_run_measures_every_row(tmp_path):
   assert found["hand-fused, while_loop, every 10"]["loops"] == 1
   select = found["hand-fused, select, every 10"]
   assert select["conditionals"] == 0 and select["loops"] == 0
+
+
+def test_pivot_tables_mark_jobs_not_run(dry_run):
+  _, report = dry_run
+  text = tables.pivot(
+    report["results"],
+    [
+      ("cpu", {"target": "cpu8", "program": "opt"}, "d_peak"),
+      ("tpu", {"target": "v5e-256", "program": "opt"}, "d_peak"),
+    ],
+    ["hand-fused", "power_ema"],
+  )
+  lines = text.splitlines()
+  assert lines[0] == "| row | cpu | tpu |"
+  assert lines[2] == "| hand-fused | +1.00x | n/r |"
+  assert len(lines) == 3  # power_ema ran nowhere: no line
+
+
+def test_recipe_compiles_each_optimizer_and_counts_its_collectives():
+  found = recipe.collectives()
+  assert set(found) == {"adamw", "moving_average(adamw)", "hand-written EMA"}
+  for counts in found.values():
+    # The gradient of a batch sharded over "data" is reduced across it.
+    assert counts.get("all-reduce", 0) + counts.get("reduce-scatter", 0) >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -15,6 +16,8 @@ from typing import Any
 import jax
 
 from . import matrix
+from . import recipe
+from . import rows
 from . import tables
 from . import targets
 
@@ -94,6 +97,24 @@ def run(
   return report
 
 
+def write_docs(results_dir: str) -> None:
+  """``accel_docs.md`` from the full run's JSON files (``accel_full_*.json``)."""
+  results: list[dict[str, Any]] = []
+  seen: set[tuple[Any, ...]] = set()
+  for path in sorted(glob.glob(os.path.join(results_dir, "accel_full_*.json"))):
+    with open(path) as f:
+      for r in json.load(f)["results"]:
+        key = tuple(r[k] for k in (*tables.CONFIG, "row"))
+        if key not in seen:
+          seen.add(key)
+          results.append(r)
+  matrix.ratios(results)
+  text = tables.docs(results, list(rows.ROWS), rows.MAIN)
+  with open(os.path.join(results_dir, "accel_docs.md"), "w") as f:
+    f.write(text)
+  print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
     description="Compile-only analysis for TPU pods and GPUs."
@@ -110,10 +131,34 @@ def main(argv: list[str] | None = None) -> None:
     help="output prefix (default benchmarks/results/accel_<matrix>)",
   )
   parser.add_argument(
+    "--platform",
+    default="",
+    choices=("", "tpu", "cuda", "cpu"),
+    help="only its targets",
+  )
+  parser.add_argument(
     "--resume", action="store_true", help="skip the jobs already in <out>.json"
+  )
+  parser.add_argument(
+    "--docs",
+    action="store_true",
+    help="write the guide's tables (accel_docs.md) from the full run's JSON files",
+  )
+  parser.add_argument(
+    "--recipe", action="store_true", help="count the sharded-jit recipe's collectives"
   )
   parser.add_argument("--list", action="store_true", help="print the jobs and exit")
   args = parser.parse_args(argv)
+  results_dir = os.path.join("benchmarks", "results")
+  if args.docs:
+    write_docs(results_dir)
+    return
+  if args.recipe:
+    found = recipe.collectives()
+    report = {"versions": targets.versions(), "collectives": found}
+    _write(os.path.join(results_dir, "accel_recipe.json"), report)
+    print(json.dumps(found, indent=1))
+    return
   if args.list:
     for job in matrix.plan(args.matrix):
       if args.only in job.key:

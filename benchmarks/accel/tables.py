@@ -128,3 +128,116 @@ def markdown(report: dict[str, Any]) -> str:
       f"- {e['job']}: {e['error'][:300]}" for e in report["errors"]
     ]
   return "\n".join(out) + "\n"
+
+
+def _find(results: list[dict[str, Any]], **where: Any) -> dict[tuple[Any, ...], Any]:
+  out = {}
+  for r in results:
+    if all(r.get(k) == v for k, v in where.items()):
+      out[r["row"]] = r
+  return out
+
+
+def pivot(
+  results: list[dict[str, Any]],
+  columns: list[tuple[str, dict[str, Any], str]],
+  names: list[str],
+) -> str:
+  """A table: one line per row name, one column per (label, filter, field).
+
+  Fields ``d_peak``, ``d_temp``, ``host_x``, ``traffic_x`` print as ratios;
+  ``branches``, ``fusions``, ``collectives`` as in the per-job tables. A
+  missing job prints ``n/r`` (not run).
+  """
+  found = [_find(results, **where) for _, where, _ in columns]
+  lines = [
+    "| row | " + " | ".join(label for label, _, _ in columns) + " |",
+    "| --- |" + " ---: |" * len(columns),
+  ]
+  for name in names:
+    cells = []
+    for (_, _, field), got in zip(columns, found, strict=True):
+      r = got.get(name)
+      if r is None:
+        cells.append("n/r")
+      elif field == "branches":
+        cells.append(_branches(r))
+      elif field == "fusions":
+        cells.append(f"{r['fusions_entry']} / {r['fusions_averaging_branch']}")
+      elif field == "collectives":
+        cells.append(collectives(r["collectives"]))
+      else:
+        cells.append(_x(r.get(field), signed=field.startswith("d_")))
+    if any(c != "n/r" for c in cells):
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def docs(results: list[dict[str, Any]], names: list[str], main: list[str]) -> str:
+  """The performance guide's tables (at most six columns each)."""
+  opt = {"model": "1b", "program": "opt", "layout": "scan", "sharding": "fsdp"}
+  train = {**opt, "program": "train"}
+  unrolled = {**opt, "layout": "unrolled"}
+  tpu, gpu = {"target": "v5e-256"}, {"target": "h100x8"}
+  out = [
+    "**The optimizer step alone** (1B, layers stacked, FSDP; per chip, x P):",
+    "",
+    pivot(
+      results,
+      [
+        ("v5e-256 peak", {**tpu, **opt}, "d_peak"),
+        ("v5e-256 temp", {**tpu, **opt}, "d_temp"),
+        ("H100 x8 peak", {**gpu, **opt}, "d_peak"),
+        ("H100 x8 temp", {**gpu, **opt}, "d_temp"),
+        ("v5e-256 bytes", {**tpu, **opt}, "traffic_x"),
+      ],
+      names,
+    ),
+    "",
+    "**Branches and fusions of the same step** (bytes accessed with every"
+    " conditional forced to its averaging / skip branch, x P; kFusion"
+    " instructions in the entry / the averaging branch):",
+    "",
+    pivot(
+      results,
+      [
+        ("v5e-256 branches", {**tpu, **opt}, "branches"),
+        ("v5e-256 fusions", {**tpu, **opt}, "fusions"),
+        ("H100 x8 fusions", {**gpu, **opt}, "fusions"),
+        ("v5e-256 unrolled temp", {**tpu, **unrolled}, "d_temp"),
+        ("H100 x8 unrolled temp", {**gpu, **unrolled}, "d_temp"),
+      ],
+      names,
+    ),
+    "",
+    "**The whole train step** (1B, layers stacked, FSDP, bf16 activations;"
+    " x P, and the collectives of the compiled step):",
+    "",
+    pivot(
+      results,
+      [
+        ("v5e-256 peak", {**tpu, **train}, "d_peak"),
+        ("v5e-256 temp", {**tpu, **train}, "d_temp"),
+        ("H100 x8 peak", {**gpu, **train}, "d_peak"),
+        ("v5e-256 collectives", {**tpu, **train}, "collectives"),
+        ("H100 x8 collectives", {**gpu, **train}, "collectives"),
+      ],
+      names,
+    ),
+    "",
+    "**The main rows on the other targets** (optimizer step alone, stacked"
+    " layers, FSDP; device temporaries over the baseline, x P):",
+    "",
+    pivot(
+      results,
+      [
+        ("v5p-128", {"target": "v5p-128", **opt}, "d_temp"),
+        ("v6e-256", {"target": "v6e-256", **opt}, "d_temp"),
+        ("v5e-256 x2 slices", {"target": "v5e-256x2", **opt}, "d_temp"),
+        ("8B, v5e-256", {**tpu, **opt, "model": "8b"}, "d_temp"),
+        ("8B, H200 x8", {"target": "h200x8", **opt, "model": "8b"}, "d_temp"),
+      ],
+      main,
+    ),
+  ]
+  return "\n".join(out) + "\n"
