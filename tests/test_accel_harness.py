@@ -146,14 +146,18 @@ def test_hlo_summary_counts_fusions_collectives_branches_and_host_copies():
   assert found["host_memory_in_hlo"]
 
 
-def test_forced_branch_picks_a_branch_and_restores_lax():
+def test_forced_branch_picks_a_branch_of_the_package_and_restores_lax():
   cond, while_loop = jax.lax.cond, jax.lax.while_loop
-  with matrix.forced_branch(True):
+  here = __name__.split(".")[0]  # the functions below belong to this module
+  with matrix.forced_branch(True, package=here):
     assert jax.lax.cond(False, lambda x: x + 1, lambda x: x, 1) == 2
     assert jax.lax.while_loop(lambda c: c < 0, lambda c: c + 5, 0) == 5
-  with matrix.forced_branch(False):
+  with matrix.forced_branch(False, package=here):
     assert jax.lax.cond(True, lambda x: x + 1, lambda x: x, operand=1) == 1
     assert jax.lax.while_loop(lambda c: c < 9, lambda c: c + 5, 0) == 0
+  with matrix.forced_branch(True):  # optax_ema's only: these run as written
+    assert jax.lax.cond(False, lambda x: x + 1, lambda x: x, 1) == 1
+    assert jax.lax.while_loop(lambda c: c < 9, lambda c: c + 5, 0) == 10
   assert (jax.lax.cond, jax.lax.while_loop) == (cond, while_loop)
 
 

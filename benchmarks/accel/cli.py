@@ -97,17 +97,68 @@ def run(
   return report
 
 
+def merge(results_dir: str) -> None:
+  """Join the parts of a full run (``accel_full_<platform>_*.json``) into one.
+
+  A run split over several processes (``--only``, ``--out``) writes one
+  file per part; this keeps each job once, in the full matrix's order, in
+  ``accel_full_<platform>.json`` with its ``.md`` and ``.txt``, and removes
+  the parts.
+  """
+  order = {job.key: i for i, job in enumerate(matrix.plan("full"))}
+  for platform_name in ("tpu", "cuda"):
+    paths = sorted(
+      glob.glob(os.path.join(results_dir, f"accel_full_{platform_name}*.json"))
+    )
+    if not paths:
+      continue
+    report: dict[str, Any] = {}
+    found: dict[str, dict[str, Any]] = {}
+    elapsed, errors = 0.0, []
+    for path in paths:
+      with open(path) as f:
+        part = json.load(f)
+      report = report or part
+      elapsed += part.get("elapsed_s", 0.0)  # parts may have run side by side
+      errors += part.get("errors", [])
+      for r in part["results"]:  # a later part's rerun replaces a job
+        found[_key(r)] = r
+    report["elapsed_s"], report["errors"] = elapsed, errors
+    report["parts"] = [os.path.basename(p) for p in paths]
+    report["results"] = sorted(found.values(), key=lambda r: order.get(_key(r), 1e9))
+    report["not_run"] = [
+      k for k in order if k not in found and platform_name in _platforms(k)
+    ]
+    matrix.ratios(report["results"])
+    out = os.path.join(results_dir, f"accel_full_{platform_name}")
+    _write(out + ".json", report)
+    with open(out + ".md", "w") as f:
+      f.write(tables.markdown(report))
+    with open(out + ".txt", "w") as f:
+      f.write("\n".join(tables.line(r) for r in report["results"]) + "\n")
+    for path in paths:
+      if path != out + ".json":
+        os.remove(path)
+
+
+def _key(r: dict[str, Any]) -> str:
+  return matrix.Job(**{k: r[k] for k in (*tables.CONFIG, "row")}).key
+
+
+def _platforms(key: str) -> str:
+  return targets.TARGETS[key.split(" | ")[0]].platform
+
+
 def write_docs(results_dir: str) -> None:
   """``accel_docs.md`` from the full run's JSON files (``accel_full_*.json``)."""
   results: list[dict[str, Any]] = []
-  seen: set[tuple[Any, ...]] = set()
-  for path in sorted(glob.glob(os.path.join(results_dir, "accel_full_*.json"))):
+  found: dict[str, dict[str, Any]] = {}
+  paths = glob.glob(os.path.join(results_dir, "accel_full_*.json"))
+  for path in sorted(paths, key=os.path.getmtime):
     with open(path) as f:
-      for r in json.load(f)["results"]:
-        key = tuple(r[k] for k in (*tables.CONFIG, "row"))
-        if key not in seen:
-          seen.add(key)
-          results.append(r)
+      for r in json.load(f)["results"]:  # a later file's rerun replaces a job
+        found[_key(r)] = r
+  results = list(found.values())
   matrix.ratios(results)
   text = tables.docs(results, list(rows.ROWS), rows.MAIN)
   with open(os.path.join(results_dir, "accel_docs.md"), "w") as f:
@@ -145,13 +196,21 @@ def main(argv: list[str] | None = None) -> None:
     help="write the guide's tables (accel_docs.md) from the full run's JSON files",
   )
   parser.add_argument(
+    "--merge",
+    action="store_true",
+    help="join the parts of a full run split by --only and --out",
+  )
+  parser.add_argument(
     "--recipe", action="store_true", help="count the sharded-jit recipe's collectives"
   )
   parser.add_argument("--list", action="store_true", help="print the jobs and exit")
   args = parser.parse_args(argv)
   results_dir = os.path.join("benchmarks", "results")
+  if args.merge:
+    merge(results_dir)
   if args.docs:
     write_docs(results_dir)
+  if args.docs or args.merge:
     return
   if args.recipe:
     found = recipe.collectives()

@@ -10,9 +10,10 @@ A job compiles one program with the state donated, on a deviceless target:
 Shardings follow the guide's recipe: params from the logical axis rules,
 the state's from :func:`optax_ema.state_shardings`, both as ``in_shardings``
 and ``out_shardings``, params and state donated. For gated rows on TPU and
-CPU the optimizer step is compiled twice more with every ``lax.cond`` (and
-0-or-1-iteration ``lax.while_loop``) forced to one branch: the averaging
-step's and the skip step's traffic, each branch body on its own.
+CPU the optimizer step is compiled twice more with ``optax_ema``'s
+``lax.cond`` (and 0-or-1-iteration ``lax.while_loop``) forced to one
+branch: the averaging step's and the skip step's traffic, each branch body
+on its own.
 """
 
 from __future__ import annotations
@@ -50,24 +51,31 @@ class Job:
 
 
 @contextlib.contextmanager
-def forced_branch(taken: bool) -> Iterator[None]:
-  """Every ``lax.cond`` takes one branch; a ``while_loop`` runs once or never.
+def forced_branch(taken: bool, package: str = "optax_ema") -> Iterator[None]:
+  """``package``'s ``lax.cond`` takes one branch, its ``while_loop`` 1 or 0 turns.
 
-  Traces each branch body on its own, as the whole step, so that its traffic
-  can be compiled and measured apart from the other branch.
+  Traces each branch body of the averaging gate on its own, as the whole
+  step, so that its traffic can be compiled and measured apart from the
+  other branch. Conditionals of other code (``optax.MultiSteps``,
+  ``optax.apply_if_finite``) stay as they are.
   """
   cond, while_loop = jax.lax.cond, jax.lax.while_loop
+
+  def ours(*funs: Any) -> bool:
+    return any(getattr(f, "__module__", "").split(".")[0] == package for f in funs)
 
   def forced_cond(
     pred: Any, true_fun: Any, false_fun: Any, *operands: Any, **kw: Any
   ) -> Any:
-    del pred
+    if not ours(true_fun, false_fun):
+      return cond(pred, true_fun, false_fun, *operands, **kw)
     if "operand" in kw:
       operands = (*operands, kw.pop("operand"))
     return (true_fun if taken else false_fun)(*operands)
 
   def forced_while(cond_fun: Any, body_fun: Any, init_val: Any) -> Any:
-    del cond_fun
+    if not ours(cond_fun, body_fun):
+      return while_loop(cond_fun, body_fun, init_val)
     return body_fun(init_val) if taken else init_val
 
   jax.lax.cond, jax.lax.while_loop = forced_cond, forced_while
@@ -156,7 +164,6 @@ def compile_job(job: Job, branches: bool | None = None) -> dict[str, Any]:
   out: dict[str, Any] = {**dataclasses.asdict(job), **facts}
   out.update(metrics.summary(compiled))
   out["lower_s"], out["compile_s"] = t1 - t0, t2 - t1
-  out["cpu_s"] = time.process_time() - c0  # every thread of this process
   platform = targets_lib.TARGETS[job.target].platform
   if branches is None:
     branches = (
@@ -172,6 +179,7 @@ def compile_job(job: Job, branches: bool | None = None) -> dict[str, Any]:
       out[f"{name}_branch"] = {
         k: part[k] for k in ("bytes_accessed", "temp", "device_peak", "fusions_entry")
       }
+  out["cpu_s"] = time.process_time() - c0  # every thread, the branches' compiles too
   return out
 
 

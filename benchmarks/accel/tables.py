@@ -94,7 +94,8 @@ def markdown(report: dict[str, Any]) -> str:
   out = [
     f"Compile-only analysis, matrix `{report['matrix']}`"
     f" ({len(report['results'])} programs in {report.get('elapsed_s', 0) / 60:.0f} min"
-    f" on {report['machine']['cpus']} CPUs;"
+    f" of wall time, {sum(r.get('cpu_s', 0) for r in report['results']) / 60:.0f}"
+    f" CPU-minutes, on {report['machine']['cpus']} shared CPUs;"
     f" jax {v['jax']}, jaxlib {v['jaxlib']}, libtpu {v['libtpu']},"
     f" CUDA plugin {v['jax-cuda12-plugin']}; XLA_FLAGS `{v['XLA_FLAGS'] or 'none'}`,"
     f" LIBTPU_INIT_ARGS `{v['LIBTPU_INIT_ARGS'] or 'none'}`).",
