@@ -371,7 +371,13 @@ def moving_average(
     1 if update_every is None else _validation.static_int(update_every, "update_every")
   )
   _check_rounding(stochastic_rounding, ema_dtype, decays)
-  clamped = num_updates is not None or bool(dynamic_decay) or start_step != 0
+  # A start_step traced by optax.inject_hyperparams may be anything.
+  clamped = (
+    num_updates is not None
+    or bool(dynamic_decay)
+    or _validation.is_traced(start_step)
+    or start_step != 0
+  )
   _check_debias(bool(debias), decays, clamped)
   layout = _Layout(keys, tuple(_averages.decay_label(d) for d in decays), several)
   overwrite, slot = _overwrite_slot(
