@@ -419,6 +419,18 @@ MISTAKES = [
     ["2 averaging states", "`posthoc.save_snapshot(directory, opt_state[0])`"],
   ),
   (
+    "post-hoc: a writer on a snapshot's step folder (resuming or not)",
+    lambda: posthoc.SnapshotWriter(pathlib.Path(_snapshot_dir()) / "1", resume_from=1),
+    ValueError,
+    ["`directory`", "snapshot step folder", "Pass the snapshot directory itself"],
+  ),
+  (
+    "post-hoc: resume_from as a float count",
+    lambda: posthoc.SnapshotWriter(_snapshot_dir(), resume_from=1.0),
+    TypeError,
+    ["`resume_from`", "or its count (an integer)", "float"],
+  ),
+  (
     "post-hoc: snapshot_items without the directory's SnapshotRun",
     lambda: posthoc.snapshot_items(_power_state(), "checkpoints"),
     TypeError,
