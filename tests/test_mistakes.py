@@ -94,6 +94,16 @@ def _snapshot_dir(steps=1):
   return directory
 
 
+def _restore_a_step_not_saved():
+  import orbax.checkpoint as ocp
+
+  directory = pathlib.Path(tempfile.mkdtemp(dir=_TMP.name)) / "ckpt"
+  with ocp.CheckpointManager(directory) as manager:
+    manager.save(3, args=ocp.args.StandardSave({"a": np.ones(2)}))
+    manager.wait_until_finished()
+  return optax_ema.restore_checkpoint(directory, 7, {"a": np.ones(2)})
+
+
 def _a_new_run_in_a_used_directory():
   return posthoc.SnapshotWriter(_snapshot_dir())  # a later run, same directory
 
@@ -423,6 +433,12 @@ MISTAKES = [
     lambda: posthoc.SnapshotWriter(pathlib.Path(_snapshot_dir()) / "1", resume_from=1),
     ValueError,
     ["`directory`", "snapshot step folder", "Pass the snapshot directory itself"],
+  ),
+  (
+    "restore_checkpoint of a step the manager does not hold",
+    _restore_a_step_not_saved,
+    ValueError,
+    ["`step`=7", "holds steps [3]", "None for the latest"],
   ),
   (
     "post-hoc: resume_from as a float count",
