@@ -229,3 +229,23 @@ def test_a_decay_checked_in_the_step_adds_no_model_sized_buffer(case):
   else:
     tx = _injected()
   assert _temp_bytes(tx, params) - base < 0.05 * param_bytes
+
+
+def test_debias_with_a_schedule_that_is_1_only_at_first_averages_from_then_on():
+  # Refused only when the schedule is 1 at every count: here the first step
+  # keeps the (zero) average, the next two average at 0.5.
+  tx = optax_ema.moving_average(
+    optax.sgd(LR), lambda count: jnp.where(count == 0, 1.0, 0.5), debias=True
+  )
+  params = {"w": jnp.array([1.0, -2.0])}
+  state = tx.init(params)
+  seen = []
+  for g in ([1.0, 2.0], [3.0, -1.0], [0.5, 0.5]):
+    updates, state = tx.update({"w": jnp.array(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    seen.append(np.asarray(params["w"]))
+  # Debiased: (0.25 x2 + 0.5 x3) / (1 - 0.25).
+  want = (0.25 * seen[1] + 0.5 * seen[2]) / 0.75
+  np.testing.assert_allclose(
+    np.asarray(optax_ema.averaged_params(state)["w"]), want, rtol=1e-6
+  )

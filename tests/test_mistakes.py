@@ -237,6 +237,14 @@ MISTAKES = [
     ["`debias=True`", "`average_decay`=1.0", "never moves"],
   ),
   (
+    "debias=True with a decay schedule that is always 1",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), lambda count: jnp.float32(1.0), debias=True
+    ),
+    ValueError,
+    ["`debias=True`", "`average_decay` schedule", "1 at every count", "never moves"],
+  ),
+  (
     "inject_hyperparams with bfloat16 params stores the decay in bfloat16",
     lambda: _inject(),
     TypeError,
@@ -762,6 +770,33 @@ IN_GRAPH = [
     "a schedule that leaves [0, 1] at a count not sampled at construction",
     _schedule_out_of_range_between_samples,
     {"moved": [0.0, 0.0], "count": 46, "decay": float("nan")},
+  ),
+  (
+    "jitted average_op with a traced decay of 1.5 keeps the average",
+    lambda: {
+      "average": jax.jit(optax_ema.average_op)(
+        jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0]), 1.5
+      )
+    },
+    {"average": [1.0, 1.0]},
+  ),
+  (
+    "jitted average_op with a traced NaN decay keeps the average",
+    lambda: {
+      "average": jax.jit(optax_ema.average_op)(
+        jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0]), float("nan")
+      )
+    },
+    {"average": [1.0, 1.0]},
+  ),
+  (
+    "jitted average_op with a traced decay of 0.75 averages",
+    lambda: {
+      "average": jax.jit(optax_ema.average_op)(
+        jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0]), 0.75
+      )
+    },
+    {"average": [0.75, 1.25]},
   ),
   (
     "moving_average(optax.masked(opt, mask)) averages every step",
