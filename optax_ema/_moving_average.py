@@ -324,6 +324,11 @@ def moving_average(
       params onto the new average (so that ``optax.apply_updates`` leaves the
       params equal to it, to one rounding), "Switch EMA"; training continues
       from there. Masked-out and non-float leaves are never overwritten.
+      The transform must be last in its ``optax.chain``: a transformation
+      after it (say ``optax.scale``) changes these updates too, and the
+      params land elsewhere. ``update`` cannot see what follows it, so this
+      is not detected while training; :func:`optax_ema.averaged_params` and
+      :func:`optax_ema.diagnostics` warn when given the whole state.
     overwrite_with: with several decays, which average overwrites the params
       (as ``which=`` of :func:`optax_ema.averaged_params`); required there.
     offload: if True, keep every floating-point average leaf in the host

@@ -373,6 +373,45 @@ def test_continuing_moves_every_newer_step_folder_so_a_manager_saves_again(
   assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [100, 200]
 
 
+@pytest.mark.parametrize("corrupt", ["not json {", '{"format": "optax_ema.posthoc/3"}'])
+def test_corrupt_snapshot_metadata_is_an_error_naming_its_path(tmp_path, corrupt):
+  states = _states(20, 10)
+  _write(tmp_path, [states[10], states[20]])
+  meta = tmp_path / "20" / "power_ema_meta" / "metadata"
+  meta.write_text(corrupt)
+  for call in (
+    lambda: posthoc.load_snapshots(tmp_path),
+    lambda: posthoc.SnapshotWriter(tmp_path, resume_from=20),
+  ):
+    with pytest.raises(ValueError, match="corrupt") as err:
+      call()
+    assert str(meta.parent) in str(err.value)
+
+
+def test_every_failure_of_process_0_reaches_the_other_processes(tmp_path, monkeypatch):
+  # The other processes wait in the broadcast: process 0 must get there with
+  # its failure whatever it is, not raise before it.
+  from optax_ema.posthoc import _run
+
+  def fails(*args):
+    raise RuntimeError("disk on fire")
+
+  sent = []
+  broadcast = _run._broadcast
+
+  def recording(ok, run, message):
+    sent.append((ok, message))
+    return broadcast(ok, run, message)
+
+  monkeypatch.setattr(_run, "_decide", fails)
+  monkeypatch.setattr(_run, "_broadcast", recording)
+  with pytest.raises(ValueError, match="RuntimeError: disk on fire"):
+    posthoc.SnapshotRun(tmp_path)
+  assert sent == [(False, "RuntimeError: disk on fire")]
+  monkeypatch.undo()
+  posthoc.SnapshotRun(tmp_path).close()  # the lock was released
+
+
 # --- format optax_ema.posthoc/2 ------------------------------------------------------
 
 

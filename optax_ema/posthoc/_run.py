@@ -337,8 +337,10 @@ class SnapshotRun:
         _check_not_a_step(self.directory)
         self._fd = _lock(self.directory)
         run = _decide(self.directory, count, _stacklevel + 1)
-      except (ValueError, OSError) as err:
+      except Exception as err:  # any failure: the others wait for it
         ok, message = False, str(err)
+        if not isinstance(err, (ValueError, OSError)):
+          message = f"{type(err).__name__}: {message}"
         self.close()
     ok, run, message = _broadcast(ok, run, message)
     if not ok:
