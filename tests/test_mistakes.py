@@ -449,6 +449,16 @@ MISTAKES = [
     ["`step`=7", "holds steps [3]", "None for the latest"],
   ),
   (
+    "post-hoc: save_snapshot(opt_state, directory), arguments swapped",
+    lambda: posthoc.save_snapshot(_power_state(), tempfile.mkdtemp(dir=_TMP.name)),
+    TypeError,
+    [
+      "`directory` must be a path",
+      "PowerEmaState",
+      "save_snapshot(directory, opt_state)",
+    ],
+  ),
+  (
     "post-hoc: resume_from as a float count",
     lambda: posthoc.SnapshotWriter(_snapshot_dir(), resume_from=1.0),
     TypeError,

@@ -205,10 +205,13 @@ def test_a_writer_is_refused_in_a_snapshot_step_folder_or_below(tmp_path, inside
 def test_a_second_run_on_an_open_directory_is_refused(tmp_path):
   with posthoc.SnapshotRun(tmp_path) as run:
     assert (tmp_path / LOCK).is_file()
+    # In this process: said so, not as if another process held it.
     with pytest.raises(
-      ValueError, match=r"in use by another snapshot writer \(process"
-    ):
+      ValueError, match=r"another snapshot writer of this process \(process"
+    ) as err:
       posthoc.SnapshotRun(tmp_path)
+    assert f"process {os.getpid()} " in str(err.value)
+    assert "is still open" in str(err.value)
     with pytest.raises(ValueError, match="in use by another snapshot writer"):
       posthoc.SnapshotWriter(tmp_path)
     assert not run.closed

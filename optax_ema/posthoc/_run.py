@@ -51,6 +51,12 @@ _ID_BYTES = 16
 
 def local_directory(directory: Any, argument: str = "directory") -> pathlib.Path:
   """``directory`` resolved, refusing URLs: a snapshot directory takes a lock."""
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(
+      f"`{argument}` must be a path (a str or os.PathLike), got "
+      f"{type(directory).__name__}: an optimizer state passed first? The "
+      "directory comes first, e.g. `posthoc.save_snapshot(directory, opt_state)`."
+    )
   text = os.fspath(directory)
   if "://" in text:
     raise ValueError(
@@ -96,6 +102,10 @@ def _first(x: Any) -> Any:
 describe = _snapshots.describe_run  # how a message names a run
 
 
+def _holder() -> str:
+  return f"process {os.getpid()} on {socket.gethostname()}"
+
+
 def _lock(directory: pathlib.Path) -> int:
   import fcntl  # POSIX only: imported when a directory is claimed
 
@@ -107,6 +117,13 @@ def _lock(directory: pathlib.Path) -> int:
   except BlockingIOError:
     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
     os.close(fd)
+    if holder == _holder():
+      raise ValueError(
+        f"{str(directory)!r} is in use by another snapshot writer of this "
+        f"process ({holder} holds its lock {LOCK_NAME}): a SnapshotRun or "
+        "SnapshotWriter on it is still open. Close it first (or use it), or "
+        "give this run a directory of its own."
+      ) from None
     raise ValueError(
       f"{str(directory)!r} is in use by another snapshot writer ({holder} holds "
       f"its lock {LOCK_NAME}): two runs writing one directory would replace "
@@ -120,7 +137,7 @@ def _lock(directory: pathlib.Path) -> int:
       "directories must be on a filesystem with locks (a local disk or NFS)."
     ) from None
   os.ftruncate(fd, 0)
-  os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+  os.pwrite(fd, f"{_holder()}\n".encode(), 0)
   return fd
 
 
