@@ -32,6 +32,10 @@ def average_op(
     var: the new value(s), a leaf or a pytree.
     average_var: the current average, with the structure of ``var``.
     decay: a scalar in [0, 1]; 0 copies ``var``, 1 keeps ``average_var``.
+      A number outside [0, 1] or NaN is an error; a traced one (under
+      ``jit``) cannot be checked before the step, so there it returns
+      ``average_var`` unchanged, as the averaging transforms do on a step
+      whose decay is out of range.
 
   Returns:
     The new average, with the structure and dtypes of ``average_var``.
@@ -46,7 +50,11 @@ def average_op(
   """
   _validation.check_decay(decay, "decay")
   _tree_utils.check_like(average_var, var, "var", "`average_var`")
-  step = _rules.StepSize(jnp.asarray(decay, jnp.float32))
+  d = jnp.asarray(decay, jnp.float32)
+  step = _rules.StepSize(d)
+  # A traced decay cannot be checked here: outside [0, 1] or NaN, the
+  # average stays as it is (the transforms' rule), a select per leaf.
+  keep = (d >= 0.0) & (d <= 1.0) if _validation.is_traced(decay) else None
 
   def leaf(a: Any, v: Any) -> Any:
     if _tree_utils.is_none_or_masked(a):
@@ -57,6 +65,6 @@ def average_op(
         "`average_var` leaves must be floating point (an integer average "
         f"would truncate), got dtype {a.dtype}."
       )
-    return _engine.step_leaf(a, v, step)
+    return _engine.step_leaf(a, v, step, keep=keep)
 
   return jax.tree.map(leaf, average_var, var, is_leaf=_tree_utils.is_none_or_masked)

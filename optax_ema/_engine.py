@@ -12,7 +12,9 @@ rounding, when to move) and lets it do the work:
   so moves every average in one pass over the leaves, inside a gate that
   leaves the buffers untouched on other steps
   (:func:`optax_ema._gate.skip_unless`: a ``lax.cond``, or on GPU a ``while``
-  loop of zero or one iteration); it counts the step and, for a periodic
+  loop of zero or one iteration); a decay check with no other gate to join
+  is a select inside that pass instead (a gate of its own would cost a
+  model-sized buffer on every step); it counts the step and, for a periodic
   overwrite, returns updates that move the params onto the average.
 """
 
@@ -79,6 +81,7 @@ def step_leaf(
   weight: jax.Array | None = None,
   stochastic: bool = False,
   seed: jax.Array | None = None,
+  keep: jax.Array | None = None,
 ) -> Any:
   """One leaf of one averaging step: ``a - w (a - x)`` in at least float32.
 
@@ -88,6 +91,9 @@ def step_leaf(
   copies ``value`` exactly. A debiased average (``weight`` given) counts as
   zero until its weight is positive. The result is stored in the average's
   dtype, stochastically rounded when that is narrower and ``stochastic``.
+  Where the scalar bool ``keep`` is given and False, the average comes back
+  unchanged: a select fused into the same elementwise pass (no buffer of
+  the leaf's size beyond the step's own).
   """
   if _tree_utils.is_none_or_masked(average) or not _tree_utils.is_float(average):
     return average
@@ -98,7 +104,8 @@ def step_leaf(
   v = _values.upcast_value(value, compute)
   w = step.weight(compute)
   exact = jnp.where(w == 1, v, a - (a - v) * w)
-  return _rounding.store(exact, average.dtype, stochastic, seed)
+  new = _rounding.store(exact, average.dtype, stochastic, seed)
+  return new if keep is None else jnp.where(keep, new, average)
 
 
 def _next_weight(weight: jax.Array, w: jax.Array) -> jax.Array:
@@ -220,10 +227,15 @@ class Engine(NamedTuple):
     # A decay known only now (traced, or a schedule's value) outside [0, 1]
     # or NaN: the step does not average, and records a NaN step size.
     valid = [_rules.decays_valid(s.decay, count, self.update_every) for s in self.slots]
-    moves = _and(real, on_grid, rule_moves, *valid)
+    would = _and(real, on_grid, rule_moves)
+    # Where no other gate exists, the check creates none: it is a select in
+    # the per-leaf pass (a gate would take the new params as an operand, a
+    # buffer the size of the model); else it joins that gate's predicate.
+    keep = _and(*valid) if would is None else None
+    moves = None if would is None else _and(would, *valid)
 
     if moves is None:
-      new_slots, new_sizes = self._average(slots, step_sizes, values, count)
+      new_slots, new_sizes = self._average(slots, step_sizes, values, count, keep)
     else:
       # Steps that do not average skip the pass: no average memory is read
       # or written. Only the new params go in, already formed: params and
@@ -235,7 +247,6 @@ class Engine(NamedTuple):
         values,
         count,
       )
-    would = _and(real, on_grid, rule_moves)
     new_sizes = [
       z if ok is None else jnp.where(~ok if would is None else ~ok & would, jnp.nan, z)
       for z, ok in zip(new_sizes, valid, strict=True)
@@ -274,14 +285,22 @@ class Engine(NamedTuple):
     step_sizes: list[jax.Array],
     values: Any,
     count: jax.Array,
+    keep: jax.Array | None = None,
   ) -> tuple[list[SlotState], list[jax.Array]]:
-    """Moves every average one step, in a single pass over the leaves."""
-    del step_sizes  # replaced by this step's
+    """Moves every average one step, in a single pass over the leaves.
+
+    Where ``keep`` is given and False, nothing moves: the averages, debias
+    weights and step sizes stay as they are (selects, not a gate).
+    """
     value_leaves = _tree_utils.flatten(slots[0].tree)[1].flatten_up_to(values)
     out = [
-      self._average_slot(j, state, value_leaves, count) for j, state in enumerate(slots)
+      self._average_slot(j, state, value_leaves, count, keep)
+      for j, state in enumerate(slots)
     ]
-    return [s for s, _ in out], [w for _, w in out]
+    sizes = [w for _, w in out]
+    if keep is not None:
+      sizes = [jnp.where(keep, w, z) for w, z in zip(sizes, step_sizes, strict=True)]
+    return [s for s, _ in out], sizes
 
   def _step_sizes(self, j: int, reference: Any, count: jax.Array) -> list[Any]:
     """The step size of average ``j`` at each leaf (one per distinct rule)."""
@@ -293,7 +312,12 @@ class Engine(NamedTuple):
     return [cache[id(r)] for r in rules]
 
   def _average_slot(
-    self, j: int, state: SlotState, value_leaves: list[Any], count: jax.Array
+    self,
+    j: int,
+    state: SlotState,
+    value_leaves: list[Any],
+    count: jax.Array,
+    keep: jax.Array | None = None,
   ) -> tuple[SlotState, jax.Array]:
     """Average ``j`` one step on, and its per-step step size."""
     slot = self.slots[j]
@@ -316,6 +340,7 @@ class Engine(NamedTuple):
         weight=weight,
         stochastic=rounds,
         seed=_rounding.rounding_seed(count, i, j) if rounds else None,
+        keep=keep,
       )
       new_leaves.append(_offload.to_host(new) if offloaded else new)
     if slot.per_leaf:
@@ -325,7 +350,10 @@ class Engine(NamedTuple):
       # One rule for every leaf; asked directly when there is no leaf.
       step = steps[0] if steps else self._slot_step(slot, count)
       w = step.weight(jnp.float32)
-    weight = None if state.weight is None else _next_weight(state.weight, w)
+    weight = state.weight
+    if weight is not None:
+      moved = _next_weight(weight, w)
+      weight = moved if keep is None else jnp.where(keep, moved, weight)
     new_state = SlotState(treedef.unflatten(new_leaves), weight)
     return new_state, _rules.per_step(w, self.interval)
 

@@ -120,7 +120,9 @@ def _check_rounding(stochastic_rounding: Any, ema_dtype: Any, decays: Any) -> No
 
 
 def _check_debias(debias: bool, decays: Any, clamped: bool) -> None:
-  """``debias=True`` with a constant decay of 1: nothing would ever be averaged.
+  """``debias=True`` with a decay of 1: nothing would ever be averaged.
+
+  A constant 1, or a schedule that is 1 at every sampled count.
 
   Unless ``num_updates``, ``dynamic_decay`` or ``start_step`` make some
   steps average all the same (``clamped``).
@@ -130,7 +132,17 @@ def _check_debias(debias: bool, decays: Any, clamped: bool) -> None:
   for decay in decays:
     specs = decay.prefix if isinstance(decay, _rules.PerLeafDecay) else decay
     for d in jax.tree.leaves(specs, is_leaf=callable):
-      if _validation.is_concrete_scalar(d) and float(np.float32(d)) == 1.0:
+      if callable(d):
+        values = _validation.sample_schedule(d)
+        if values is not None and np.all(values.astype(np.float32) == 1.0):
+          raise ValueError(
+            f"`debias=True` with an `average_decay` schedule ({d!r}) that is 1 "
+            f"at every count checked ({_validation.SAMPLED_COUNTS[0]} to "
+            f"{_validation.SAMPLED_COUNTS[-1]}): it never moves the average, so "
+            "the debiased average holds nothing and reads as the live params. "
+            "Use a schedule below 1, or drop `debias`."
+          )
+      elif _validation.is_concrete_scalar(d) and float(np.float32(d)) == 1.0:
         raise ValueError(
           f"`debias=True` with `average_decay`={d!r}: a decay of 1 never "
           "moves the average, so the debiased average holds nothing and "
@@ -287,9 +299,10 @@ def moving_average(
       ``average / (1 - prod(decays so far))`` (exact under schedules: the
       state keeps the running product in a :class:`optax_ema.DebiasedAverage`);
       :func:`optax_ema.averaged_params` applies it, and returns the params
-      before the first averaging step. A constant decay of 1, which never
-      averages (no ``num_updates``, ``dynamic_decay`` or ``start_step``), is
-      refused with ``debias``.
+      before the first averaging step. A decay of 1, which never averages (a
+      constant, or a schedule that is 1 at every count sampled; no
+      ``num_updates``, ``dynamic_decay`` or ``start_step``), is refused with
+      ``debias``.
     update_every: ``None`` (every step) or a positive int ``k``: move the
       average only on every k-th update (``(t + 1) % k == 0``), by the product
       of the decays of the ``k`` updates since the last move (``decay ** k``
@@ -311,6 +324,11 @@ def moving_average(
       params onto the new average (so that ``optax.apply_updates`` leaves the
       params equal to it, to one rounding), "Switch EMA"; training continues
       from there. Masked-out and non-float leaves are never overwritten.
+      The transform must be last in its ``optax.chain``: a transformation
+      after it (say ``optax.scale``) changes these updates too, and the
+      params land elsewhere. ``update`` cannot see what follows it, so this
+      is not detected while training; :func:`optax_ema.averaged_params` and
+      :func:`optax_ema.diagnostics` warn when given the whole state.
     overwrite_with: with several decays, which average overwrites the params
       (as ``which=`` of :func:`optax_ema.averaged_params`); required there.
     offload: if True, keep every floating-point average leaf in the host

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -167,6 +168,19 @@ def upgrade_state(restored: Any, like: optax.OptState) -> optax.OptState:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _is_missing_added_field(message: str) -> bool:
+  """Whether Orbax refused a target for fields this version added.
+
+  Orbax words it two ways, depending on the target (abstract, concrete, or
+  with shardings): "Structure mismatch ... 'step_size'", and "... tree
+  structures do not match: opt_state.step_size: ... Target: MISSING".
+  """
+  mismatch = "Structure mismatch" in message or "structures do not match" in message
+  return mismatch and any(
+    re.search(rf"\b{name}\b", message) is not None for name in _ADDED_FIELDS
+  )
+
+
 def restore_checkpoint(manager: Any, step: int | None, like: Any) -> Any:
   """Restores an Orbax checkpoint into ``like``, also one written by 0.1.0.
 
@@ -174,7 +188,7 @@ def restore_checkpoint(manager: Any, step: int | None, like: Any) -> Any:
   (a training state, or any tree holding an optimizer state) with ``like``
   as its target. A checkpoint written by optax_ema 0.1.0 lacks the fields
   this version added (``step_size``), and Orbax refuses it with a
-  "Structure mismatch" that cannot name the fix; on that error this
+  structure mismatch that cannot name the fix; on that error this
   restores it without a target and converts it with :func:`upgrade_state`.
   Other errors propagate.
 
@@ -220,12 +234,16 @@ def restore_checkpoint(manager: Any, step: int | None, like: Any) -> Any:
     step = manager.latest_step()
     if step is None:
       raise ValueError(f"`manager` holds no checkpoint: {manager.directory}.")
+  steps = list(manager.all_steps())
+  if step not in steps:
+    raise ValueError(
+      f"`step`={step!r} is not among the checkpoints of {manager.directory}: "
+      f"it holds steps {steps}; pass one of them, or None for the latest."
+    )
   try:
     return manager.restore(step, args=ocp.args.StandardRestore(like))
   except ValueError as err:
-    message = str(err)
-    added = any(repr(name) in message for name in _ADDED_FIELDS)
-    if "Structure mismatch" not in message or not added:
+    if not _is_missing_added_field(str(err)):
       raise
   raw = manager.restore(step, args=ocp.args.StandardRestore())
   return upgrade_state(raw, like)

@@ -354,7 +354,10 @@ def warn_if_unresolvable(decay: Any, storage: Any, name: str, stacklevel: int) -
       f"average by {1.0 - values[below[0]]:.2g}"
     )
   else:
-    what = f"`{name}` is traced (optax.inject_hyperparams), so it cannot be checked"
+    what = (
+      f"`{name}` is traced (optax.inject_hyperparams), so its value cannot be "
+      "checked here: a step moves the average by (1 - decay)"
+    )
     verdict = "may be"
   warnings.warn(
     f"{what} of its distance to the params, with `ema_dtype`={dtype} and "

@@ -186,3 +186,66 @@ def test_a_schedule_closing_over_a_traced_value_is_checked_in_the_step():
   assert math.isnan(float(bad.step_size))
   want = np.array([1.0, 2.0]) - 0.5 * LR
   np.testing.assert_allclose(np.asarray(good.average["w"]), want, rtol=1e-6)
+
+
+def test_debias_under_inject_hyperparams_with_a_traced_start_step():
+  # inject_hyperparams traces start_step too: the construction check of
+  # debias with a decay of 1 must not need its value.
+  tx = optax.inject_hyperparams(optax_ema.moving_average)(
+    optimizer=optax.sgd(LR), average_decay=0.5, debias=True, start_step=1
+  )
+  params = {"w": jnp.array([1.0, -2.0])}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  seen = []
+  for g in ([1.0, 2.0], [3.0, -1.0]):
+    updates, state = update({"w": jnp.array(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    seen.append(np.asarray(params["w"]))
+  # Step 0 copies the params (before start_step), step 1 averages at 0.5;
+  # the debias weight is 1 from the copy on.
+  want = 0.5 * seen[0] + 0.5 * seen[1]
+  np.testing.assert_allclose(
+    np.asarray(optax_ema.averaged_params(state)["w"]), want, rtol=1e-6
+  )
+
+
+def _temp_bytes(tx, params):
+  state = jax.eval_shape(tx.init, params)
+  update = jax.jit(tx.update, donate_argnums=(1,))
+  compiled = update.lower(params, state, params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("case", ["schedule", "inject_hyperparams"])
+def test_a_decay_checked_in_the_step_adds_no_model_sized_buffer(case):
+  # One large leaf: the check is a select inside the averaging pass, not a
+  # gate that takes the new params as an operand (a buffer of their size).
+  params = {"w": jax.ShapeDtypeStruct((2048, 2048), jnp.float32)}
+  param_bytes = 2048 * 2048 * 4
+  base = _temp_bytes(optax_ema.moving_average(optax.sgd(LR), 0.999), params)
+  if case == "schedule":
+    tx = optax_ema.moving_average(optax.sgd(LR), optax_ema.schedules.warmup(0.999))
+  else:
+    tx = _injected()
+  assert _temp_bytes(tx, params) - base < 0.05 * param_bytes
+
+
+def test_debias_with_a_schedule_that_is_1_only_at_first_averages_from_then_on():
+  # Refused only when the schedule is 1 at every count: here the first step
+  # keeps the (zero) average, the next two average at 0.5.
+  tx = optax_ema.moving_average(
+    optax.sgd(LR), lambda count: jnp.where(count == 0, 1.0, 0.5), debias=True
+  )
+  params = {"w": jnp.array([1.0, -2.0])}
+  state = tx.init(params)
+  seen = []
+  for g in ([1.0, 2.0], [3.0, -1.0], [0.5, 0.5]):
+    updates, state = tx.update({"w": jnp.array(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    seen.append(np.asarray(params["w"]))
+  # Debiased: (0.25 x2 + 0.5 x3) / (1 - 0.25).
+  want = (0.25 * seen[1] + 0.5 * seen[2]) / 0.75
+  np.testing.assert_allclose(
+    np.asarray(optax_ema.averaged_params(state)["w"]), want, rtol=1e-6
+  )

@@ -94,6 +94,16 @@ def _snapshot_dir(steps=1):
   return directory
 
 
+def _restore_a_step_not_saved():
+  import orbax.checkpoint as ocp
+
+  directory = pathlib.Path(tempfile.mkdtemp(dir=_TMP.name)) / "ckpt"
+  with ocp.CheckpointManager(directory) as manager:
+    manager.save(3, args=ocp.args.StandardSave({"a": np.ones(2)}))
+    manager.wait_until_finished()
+  return optax_ema.restore_checkpoint(directory, 7, {"a": np.ones(2)})
+
+
 def _a_new_run_in_a_used_directory():
   return posthoc.SnapshotWriter(_snapshot_dir())  # a later run, same directory
 
@@ -225,6 +235,14 @@ MISTAKES = [
     lambda: optax_ema.moving_average(optax.sgd(0.1), 1.0, debias=True),
     ValueError,
     ["`debias=True`", "`average_decay`=1.0", "never moves"],
+  ),
+  (
+    "debias=True with a decay schedule that is always 1",
+    lambda: optax_ema.moving_average(
+      optax.sgd(0.1), lambda count: jnp.float32(1.0), debias=True
+    ),
+    ValueError,
+    ["`debias=True`", "`average_decay` schedule", "1 at every count", "never moves"],
   ),
   (
     "inject_hyperparams with bfloat16 params stores the decay in bfloat16",
@@ -417,6 +435,34 @@ MISTAKES = [
     ),
     ValueError,
     ["2 averaging states", "`posthoc.save_snapshot(directory, opt_state[0])`"],
+  ),
+  (
+    "post-hoc: a writer on a snapshot's step folder (resuming or not)",
+    lambda: posthoc.SnapshotWriter(pathlib.Path(_snapshot_dir()) / "1", resume_from=1),
+    ValueError,
+    ["`directory`", "snapshot step folder", "Pass the snapshot directory itself"],
+  ),
+  (
+    "restore_checkpoint of a step the manager does not hold",
+    _restore_a_step_not_saved,
+    ValueError,
+    ["`step`=7", "holds steps [3]", "None for the latest"],
+  ),
+  (
+    "post-hoc: save_snapshot(opt_state, directory), arguments swapped",
+    lambda: posthoc.save_snapshot(_power_state(), tempfile.mkdtemp(dir=_TMP.name)),
+    TypeError,
+    [
+      "`directory` must be a path",
+      "PowerEmaState",
+      "save_snapshot(directory, opt_state)",
+    ],
+  ),
+  (
+    "post-hoc: resume_from as a float count",
+    lambda: posthoc.SnapshotWriter(_snapshot_dir(), resume_from=1.0),
+    TypeError,
+    ["`resume_from`", "or its count (an integer)", "float"],
   ),
   (
     "post-hoc: snapshot_items without the directory's SnapshotRun",
@@ -734,6 +780,33 @@ IN_GRAPH = [
     "a schedule that leaves [0, 1] at a count not sampled at construction",
     _schedule_out_of_range_between_samples,
     {"moved": [0.0, 0.0], "count": 46, "decay": float("nan")},
+  ),
+  (
+    "jitted average_op with a traced decay of 1.5 keeps the average",
+    lambda: {
+      "average": jax.jit(optax_ema.average_op)(
+        jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0]), 1.5
+      )
+    },
+    {"average": [1.0, 1.0]},
+  ),
+  (
+    "jitted average_op with a traced NaN decay keeps the average",
+    lambda: {
+      "average": jax.jit(optax_ema.average_op)(
+        jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0]), float("nan")
+      )
+    },
+    {"average": [1.0, 1.0]},
+  ),
+  (
+    "jitted average_op with a traced decay of 0.75 averages",
+    lambda: {
+      "average": jax.jit(optax_ema.average_op)(
+        jnp.array([0.0, 2.0]), jnp.array([1.0, 1.0]), 0.75
+      )
+    },
+    {"average": [0.75, 1.25]},
   ),
   (
     "moving_average(optax.masked(opt, mask)) averages every step",

@@ -100,6 +100,7 @@ def test_command_line_lists_snapshots_without_reading_arrays(tmp_path, capsys):
     (["{d}/missing", "--list"], "does not exist"),
     (["{d}", "--snapshots", "{d}/other", "--list"], "the snapshot directory is given"),
     (["{d}", "--snapshots", "{d}", "--list"], "give it once"),
+    (["{d}", "--list", "--sigma-rel", "0.07"], "--sigma-rel would be ignored"),
   ],
 )
 def test_command_line_reports_bad_input(tmp_path, capsys, argv, message):

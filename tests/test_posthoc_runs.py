@@ -168,10 +168,35 @@ def test_continuing_from_the_latest_snapshot_moves_nothing_and_warns_nothing(
   assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [10, 20, 30]
 
 
-@pytest.mark.parametrize("bad", [True, -1])
+@pytest.mark.parametrize("bad", [True, -1, 20.0, "20", np.float32(20)])
 def test_resume_from_must_be_a_state_or_a_count(tmp_path, bad):
-  with pytest.raises((TypeError, ValueError), match="`resume_from`"):
+  with pytest.raises((TypeError, ValueError), match="`resume_from`") as err:
     posthoc.SnapshotWriter(tmp_path, resume_from=bad)
+  assert "moving_average" not in str(err.value)  # not about the state's type
+
+
+@pytest.mark.parametrize("kind", ["jax", "numpy"])
+def test_resume_from_takes_the_count_as_an_integer_array(tmp_path, kind):
+  states = _states(30, 10)
+  run = _write(tmp_path, [states[t] for t in (10, 20, 30)])
+  count = states[20].count  # a JAX int32 scalar
+  count = count if kind == "jax" else np.asarray(count)
+  with pytest.warns(UserWarning, match="steps 30"):
+    with posthoc.SnapshotRun(tmp_path, resume_from=count) as again:
+      assert again.identity == run
+  assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [10, 20]
+
+
+@pytest.mark.parametrize("inside", ["30", "30/power_ema", "30/new"])
+def test_a_writer_is_refused_in_a_snapshot_step_folder_or_below(tmp_path, inside):
+  states = _states(30, 10)
+  _write(tmp_path, [states[t] for t in (10, 20, 30)])
+  before = _listing(tmp_path / "30")
+  for resume_from in (None, states[30]):
+    with pytest.raises(ValueError, match="snapshot step folder") as err:
+      posthoc.SnapshotWriter(tmp_path / inside, resume_from=resume_from)
+    assert repr(str(tmp_path)) in str(err.value)  # the directory to use
+  assert _listing(tmp_path / "30") == before  # nothing created, no lock
 
 
 # --- the lock ------------------------------------------------------------------
@@ -180,10 +205,13 @@ def test_resume_from_must_be_a_state_or_a_count(tmp_path, bad):
 def test_a_second_run_on_an_open_directory_is_refused(tmp_path):
   with posthoc.SnapshotRun(tmp_path) as run:
     assert (tmp_path / LOCK).is_file()
+    # In this process: said so, not as if another process held it.
     with pytest.raises(
-      ValueError, match=r"in use by another snapshot writer \(process"
-    ):
+      ValueError, match=r"another snapshot writer of this process \(process"
+    ) as err:
       posthoc.SnapshotRun(tmp_path)
+    assert f"process {os.getpid()} " in str(err.value)
+    assert "is still open" in str(err.value)
     with pytest.raises(ValueError, match="in use by another snapshot writer"):
       posthoc.SnapshotWriter(tmp_path)
     assert not run.closed
@@ -314,6 +342,77 @@ def test_snapshot_items_continue_a_run_like_a_writer(tmp_path):
     with posthoc.SnapshotRun(tmp_path, resume_from=states[20]) as again:
       assert again.identity == run.identity
   assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [10, 20]
+
+
+def test_continuing_moves_every_newer_step_folder_so_a_manager_saves_again(
+  tmp_path,
+):
+  # The recipe of snapshot_items: plain checkpoints every 50 steps in the
+  # same directory, a snapshot every 100. Rolled back to 100, the manager
+  # would see its own 150 and 250 and skip saving 150 and 200.
+  states = _states(300, 50)
+  with posthoc.SnapshotRun(tmp_path) as run, ocp.CheckpointManager(tmp_path) as mgr:
+    for t in range(50, 301, 50):
+      items = {"plain": ocp.args.StandardSave({"count": states[t].count})}
+      if t % 100 == 0:
+        items |= posthoc.snapshot_items(states[t], run)
+      mgr.save(t, args=ocp.args.Composite(**items))
+    mgr.wait_until_finished()
+  with pytest.warns(UserWarning) as record:
+    again = posthoc.SnapshotRun(tmp_path, resume_from=states[100])
+  (warning,) = record
+  for words in ["snapshots of steps 200, 300", "checkpoints) of steps 150, 250"]:
+    assert words in str(warning.message), warning.message
+  moved = tmp_path.parent / f"{tmp_path.name}.abandoned-after-100"
+  assert _listing(moved) == ["150", "200", "250", "300"]
+  with again, ocp.CheckpointManager(tmp_path) as mgr:
+    assert mgr.latest_step() == 100
+    for t in (150, 200):
+      items = {"plain": ocp.args.StandardSave({"count": states[t].count})}
+      if t % 100 == 0:
+        items |= posthoc.snapshot_items(states[t], again)
+      mgr.save(t, args=ocp.args.Composite(**items))
+    mgr.wait_until_finished()
+  assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [100, 200]
+
+
+@pytest.mark.parametrize("corrupt", ["not json {", '{"format": "optax_ema.posthoc/3"}'])
+def test_corrupt_snapshot_metadata_is_an_error_naming_its_path(tmp_path, corrupt):
+  states = _states(20, 10)
+  _write(tmp_path, [states[10], states[20]])
+  meta = tmp_path / "20" / "power_ema_meta" / "metadata"
+  meta.write_text(corrupt)
+  for call in (
+    lambda: posthoc.load_snapshots(tmp_path),
+    lambda: posthoc.SnapshotWriter(tmp_path, resume_from=20),
+  ):
+    with pytest.raises(ValueError, match="corrupt") as err:
+      call()
+    assert str(meta.parent) in str(err.value)
+
+
+def test_every_failure_of_process_0_reaches_the_other_processes(tmp_path, monkeypatch):
+  # The other processes wait in the broadcast: process 0 must get there with
+  # its failure whatever it is, not raise before it.
+  from optax_ema.posthoc import _run
+
+  def fails(*args):
+    raise RuntimeError("disk on fire")
+
+  sent = []
+  broadcast = _run._broadcast
+
+  def recording(ok, run, message):
+    sent.append((ok, message))
+    return broadcast(ok, run, message)
+
+  monkeypatch.setattr(_run, "_decide", fails)
+  monkeypatch.setattr(_run, "_broadcast", recording)
+  with pytest.raises(ValueError, match="RuntimeError: disk on fire"):
+    posthoc.SnapshotRun(tmp_path)
+  assert sent == [(False, "RuntimeError: disk on fire")]
+  monkeypatch.undo()
+  posthoc.SnapshotRun(tmp_path).close()  # the lock was released
 
 
 # --- format optax_ema.posthoc/2 ------------------------------------------------------

@@ -121,6 +121,47 @@ def test_restore_checkpoint_restores_a_0_1_0_checkpoint_with_todays_target(name)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("target", ["concrete", "sharded"])
+def test_restore_checkpoint_restores_a_0_1_0_checkpoint_into_any_kind_of_target(
+  target,
+):
+  # Orbax words its refusal differently for these targets ("tree structures
+  # do not match ... opt_state.step_size").
+  tx = v0_1_0.CONFIGS["plain"]()
+  params = v0_1_0.params0()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if target == "concrete":
+    like = {"params": params, "opt_state": tx.init(params)}
+  else:
+    like = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)}),
+    )
+  with ocp.CheckpointManager(v0_1_0.ROOT / "plain") as manager:
+    with pytest.raises(ValueError, match=r"(?s)structures do not match.*step_size"):
+      manager.restore(v0_1_0.SAVED_AT, args=ocp.args.StandardRestore(like))
+  got = optax_ema.restore_checkpoint(v0_1_0.ROOT / "plain", None, like)
+  assert jax.tree.structure(got) == jax.tree.structure(like)
+  raw = _restore("plain")
+  np.testing.assert_array_equal(
+    np.asarray(got["opt_state"].average["dense"]["w"]),
+    np.asarray(raw["opt_state"]["average"]["dense"]["w"]),
+  )
+  assert int(got["opt_state"].count) == int(raw["opt_state"]["count"])
+  if target == "sharded":
+    assert all(x.sharding == replicated for x in jax.tree.leaves(got))
+
+
+def test_restore_checkpoint_names_a_step_it_does_not_hold(tmp_path):
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    manager.save(3, args=ocp.args.StandardSave({"a": np.ones(2)}))
+    manager.wait_until_finished()
+  like = jax.eval_shape(lambda: {"a": np.ones(2)})
+  with pytest.raises(ValueError, match=r"`step`=7 .* holds steps \[3\]"):
+    optax_ema.restore_checkpoint(tmp_path / "ckpt", 7, like)
+
+
 def test_restore_checkpoint_restores_todays_checkpoint_directly(tmp_path):
   tx = v0_1_0.CONFIGS["plain"]()
   params = v0_1_0.params0()

@@ -147,6 +147,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.print_usage(sys.stderr)
     print("error: give the snapshot directory", file=sys.stderr)
     return 2
+  given = [
+    flag
+    for flag, value in (
+      ("--sigma-rel", args.sigma_rel),
+      ("--step", args.step),
+      ("--out", args.out),
+    )
+    if value is not None
+  ]
+  if args.list and given:
+    parser.print_usage(sys.stderr)
+    print(
+      f"error: --list reads no arrays, so {', '.join(given)} would be ignored: "
+      "give --list alone, or --sigma-rel and --out without it",
+      file=sys.stderr,
+    )
+    return 2
   if not args.list and (args.sigma_rel is None or args.out is None):
     parser.print_usage(sys.stderr)
     print("error: give --list, or --sigma-rel and --out", file=sys.stderr)

@@ -17,10 +17,14 @@ A :class:`SnapshotRun` claims a directory for one run:
 - **Continuing**: a directory holding snapshots belongs to the run that
   wrote them. A new run is refused there unless told explicitly to continue
   it (``resume_from=``, the optimizer state restored from that run's
-  checkpoint): it then adopts the directory's identity and moves the
-  snapshots newer than the restored count (an abandoned trajectory) into the
+  checkpoint): it then adopts the directory's identity and moves every step
+  folder newer than the restored count (an abandoned trajectory: snapshots,
+  and the plain checkpoints of a ``CheckpointManager`` sharing the
+  directory, which would otherwise skip saving those steps again) into the
   sibling folder ``DIR.abandoned-after-COUNT`` (never deleted), with a
   warning that names their steps.
+- **Not inside a snapshot**: a directory that is a snapshot's step folder,
+  or lies inside one, is refused (nothing would read snapshots there).
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from optax_ema.posthoc import _snapshots
 from optax_ema.posthoc import _state
+from optax_ema.posthoc._orbax import ocp
 
 LOCK_NAME = ".optax_ema.posthoc.lock"
 _MESSAGE_BYTES = 4096
@@ -45,6 +51,12 @@ _ID_BYTES = 16
 
 def local_directory(directory: Any, argument: str = "directory") -> pathlib.Path:
   """``directory`` resolved, refusing URLs: a snapshot directory takes a lock."""
+  if not isinstance(directory, (str, os.PathLike)):
+    raise TypeError(
+      f"`{argument}` must be a path (a str or os.PathLike), got "
+      f"{type(directory).__name__}: an optimizer state passed first? The "
+      "directory comes first, e.g. `posthoc.save_snapshot(directory, opt_state)`."
+    )
   text = os.fspath(directory)
   if "://" in text:
     raise ValueError(
@@ -60,13 +72,21 @@ def resume_count(resume_from: Any, caller: str) -> int | None:
   """The count a run resumes from: an int, or the count of a power-EMA state."""
   if resume_from is None:
     return None
-  if isinstance(resume_from, bool):
+  if isinstance(resume_from, (bool, np.bool_, float, str, bytes, os.PathLike)) or (
+    hasattr(resume_from, "dtype") and not jnp.issubdtype(resume_from.dtype, jnp.integer)
+  ):
     raise TypeError(
-      f"`resume_from` must be the restored optimizer state (or its count), got "
-      f"{resume_from!r}."
+      "`resume_from` must be the restored optimizer state, or its count (an "
+      f"integer), got {type(resume_from).__name__}: {resume_from!r}."
     )
   if isinstance(resume_from, (int, np.integer)):
     count = int(resume_from)
+  elif hasattr(resume_from, "dtype"):  # a NumPy or JAX integer array
+    if np.ndim(resume_from) != 0:
+      raise ValueError(
+        f"`resume_from` as a count must be a scalar, got shape {np.shape(resume_from)}."
+      )
+    count = int(np.asarray(jax.device_get(_first(resume_from))))
   else:
     state = _state.find_power_state(resume_from, caller)
     count = int(np.asarray(jax.device_get(_first(state.count))))
@@ -82,6 +102,10 @@ def _first(x: Any) -> Any:
 describe = _snapshots.describe_run  # how a message names a run
 
 
+def _holder() -> str:
+  return f"process {os.getpid()} on {socket.gethostname()}"
+
+
 def _lock(directory: pathlib.Path) -> int:
   import fcntl  # POSIX only: imported when a directory is claimed
 
@@ -93,6 +117,13 @@ def _lock(directory: pathlib.Path) -> int:
   except BlockingIOError:
     holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
     os.close(fd)
+    if holder == _holder():
+      raise ValueError(
+        f"{str(directory)!r} is in use by another snapshot writer of this "
+        f"process ({holder} holds its lock {LOCK_NAME}): a SnapshotRun or "
+        "SnapshotWriter on it is still open. Close it first (or use it), or "
+        "give this run a directory of its own."
+      ) from None
     raise ValueError(
       f"{str(directory)!r} is in use by another snapshot writer ({holder} holds "
       f"its lock {LOCK_NAME}): two runs writing one directory would replace "
@@ -106,7 +137,7 @@ def _lock(directory: pathlib.Path) -> int:
       "directories must be on a filesystem with locks (a local disk or NFS)."
     ) from None
   os.ftruncate(fd, 0)
-  os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+  os.pwrite(fd, f"{_holder()}\n".encode(), 0)
   return fd
 
 
@@ -140,11 +171,76 @@ def _sibling(directory: pathlib.Path, count: int) -> pathlib.Path:
   return target
 
 
+def _check_not_a_step(directory: pathlib.Path) -> None:
+  """Refuses a directory that is a snapshot's step folder or inside one."""
+  for folder in [directory, *directory.parents]:
+    if (folder / _snapshots.META_ITEM).is_dir():
+      raise ValueError(
+        f"`directory` {str(directory)!r} is the snapshot step folder "
+        f"{str(folder)!r} or inside it: snapshots written there would nest "
+        "inside another snapshot, where nothing reads them. Pass the "
+        f"snapshot directory itself, {str(folder.parent)!r}, or a new directory."
+      )
+
+
+def _newer_step_folders(
+  directory: pathlib.Path, count: int
+) -> list[tuple[int, pathlib.Path]]:
+  """Every step folder of ``directory`` after ``count``, snapshot or not.
+
+  Orbax's step names (``150``, ``step_150``, and unfinished
+  ``150.orbax-checkpoint-tmp-...``): a ``CheckpointManager`` sharing the
+  directory skips saving any step up to the latest it finds there.
+  """
+  out = []
+  for path in directory.iterdir():
+    if not path.is_dir():
+      continue
+    try:
+      step = ocp.path.step.step_from_checkpoint_name(path.name)
+    except ValueError:
+      continue
+    if step > count:
+      out.append((step, path))
+  return sorted(out)
+
+
+def _move_newer(directory: pathlib.Path, count: int, who: str, stacklevel: int) -> None:
+  """Moves the step folders after ``count`` aside, with a warning naming them."""
+  newer = _newer_step_folders(directory, count)
+  if not newer:
+    return
+  snapshot_steps = [s for s, p in newer if (p / _snapshots.META_ITEM).is_dir()]
+  other_steps = [s for s, p in newer if not (p / _snapshots.META_ITEM).is_dir()]
+  target = _sibling(directory, count)
+  target.mkdir(parents=True)
+  for _, path in newer:
+    path.rename(target / path.name)
+  what = []
+  if snapshot_steps:
+    what.append(f"its snapshots of steps {_snapshots.list_steps(snapshot_steps)}")
+  if other_steps:
+    what.append(
+      "the other step folders (checkpoints) of steps "
+      + _snapshots.list_steps(other_steps)
+    )
+  warnings.warn(
+    f"Continuing {who} in {str(directory)!r} from count {count}: "
+    f"moved {' and '.join(what)}, newer than the restored state (an abandoned "
+    f"trajectory), to {str(target)!r}. Open a CheckpointManager on the "
+    "directory after this, so that it sees them gone.",
+    UserWarning,
+    stacklevel=stacklevel,
+  )
+
+
 def _decide(directory: pathlib.Path, count: int | None, stacklevel: int) -> str | None:
   """Process 0: the run identity for ``directory``, or ValueError."""
   snaps = [_snapshots.read(p) for p in _snapshots.step_dirs(directory)]
   snaps.sort(key=lambda s: s.step)  # the folders sort as strings
   if not snaps:
+    if count is not None:
+      _move_newer(directory, count, "this run", stacklevel + 1)
     return uuid.uuid4().hex
   runs = runs_of(snaps)
   if len(runs) > 1:
@@ -162,20 +258,7 @@ def _decide(directory: pathlib.Path, count: int | None, stacklevel: int) -> str 
       "if this run continues that one from its checkpoint, pass "
       "`resume_from=opt_state` (the restored optimizer state) to continue it."
     )
-  newer = [s for s in snaps if s.step > count]
-  if newer:
-    target = _sibling(directory, count)
-    target.mkdir(parents=True)
-    for snap in newer:
-      snap.path.rename(target / snap.path.name)
-    warnings.warn(
-      f"Continuing {describe(run)} in {str(directory)!r} from count {count}: "
-      f"moved its snapshots of steps "
-      f"{_snapshots.list_steps([s.step for s in newer])}, newer than the "
-      f"restored state (an abandoned trajectory), to {str(target)!r}.",
-      UserWarning,
-      stacklevel=stacklevel,
-    )
+  _move_newer(directory, count, describe(run), stacklevel + 1)
   return run
 
 
@@ -213,10 +296,12 @@ class SnapshotRun:
       ``gs://`` cannot be locked and is refused).
     resume_from: ``None`` (default) for a new run; to continue the run whose
       snapshots ``directory`` holds, the optimizer state restored from its
-      checkpoint (or that state's ``PowerEmaState.count``). The run adopts
-      the directory's identity, and snapshots newer than the restored count
-      are moved to the sibling folder ``DIR.abandoned-after-COUNT`` (with a
-      UserWarning naming their steps).
+      checkpoint (or that state's ``PowerEmaState.count``, an integer or an
+      integer array). The run adopts the directory's identity, and every
+      step folder newer than the restored count (snapshots and the plain
+      checkpoints of your ``CheckpointManager``) is moved to the sibling
+      folder ``DIR.abandoned-after-COUNT`` (with a UserWarning naming their
+      steps): open your manager after this.
 
   Attributes:
     directory: the resolved directory.
@@ -227,7 +312,8 @@ class SnapshotRun:
   Raises:
     ValueError: ``directory`` holds another run's snapshots (and no
       ``resume_from``), or snapshots of several runs; another open run holds
-      its lock (in this or another process); it is a URL or cannot be locked.
+      its lock (in this or another process); it is a snapshot's step folder
+      or inside one; it is a URL or cannot be locked.
 
   Examples:
     >>> import tempfile
@@ -265,10 +351,13 @@ class SnapshotRun:
     ok, run, message = True, None, ""
     if jax.process_index() == 0:
       try:
+        _check_not_a_step(self.directory)
         self._fd = _lock(self.directory)
         run = _decide(self.directory, count, _stacklevel + 1)
-      except (ValueError, OSError) as err:
+      except Exception as err:  # any failure: the others wait for it
         ok, message = False, str(err)
+        if not isinstance(err, (ValueError, OSError)):
+          message = f"{type(err).__name__}: {message}"
         self.close()
     ok, run, message = _broadcast(ok, run, message)
     if not ok:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import pathlib
 from collections.abc import Iterable
@@ -112,6 +113,17 @@ def read(step_dir: pathlib.Path) -> Snapshot:
 @functools.lru_cache(maxsize=4096)
 def _read_once(step_dir: pathlib.Path, inode: int, mtime_ns: int) -> Snapshot:
   del inode, mtime_ns  # the cache key: a rewritten step is read again
+  try:
+    return _parse(step_dir)
+  except (KeyError, TypeError, json.JSONDecodeError) as err:
+    raise ValueError(
+      f"The snapshot metadata in {str(step_dir / META_ITEM)!r} is corrupt "
+      f"({type(err).__name__}: {err}): move the step folder {str(step_dir)!r} "
+      "out of the directory, or restore it from a copy."
+    ) from err
+
+
+def _parse(step_dir: pathlib.Path) -> Snapshot:
   meta = ocp.JsonCheckpointHandler().restore(step_dir / META_ITEM)
   if (
     not isinstance(meta, Mapping)
