@@ -161,6 +161,19 @@ def write_docs(results_dir: str) -> None:
   results = list(found.values())
   matrix.ratios(results)
   text = tables.docs(results, list(rows.ROWS), rows.MAIN)
+  after: list[dict[str, Any]] = []
+  for path in sorted(glob.glob(os.path.join(results_dir, "accel_after_*.json"))):
+    with open(path) as f:
+      after += json.load(f)["results"]
+  if after:
+    matrix.ratios(after)
+    text += (
+      "\n**After the engine's changes** (optimizer step alone, 1B, stacked"
+      " layers, FSDP; device temporaries over the baseline, x P, and the"
+      " bytes accessed of the averaging / skip branch):\n\n"
+      + tables.before_after(results, after, list(rows.ROWS))
+      + "\n"
+    )
   with open(os.path.join(results_dir, "accel_docs.md"), "w") as f:
     f.write(text)
   print(text)
