@@ -9,9 +9,10 @@ rounding, when to move) and lets it do the work:
 - :meth:`Engine.update` decides whether this step averages (the wrapped
   optimizer applied an update, the step is on the ``update_every`` grid, the
   rule moves, the step is finite), and if so moves every average in one
-  pass over the leaves, inside a ``lax.cond`` whose other branch forwards the
-  buffers untouched; it counts the step and, for a periodic overwrite,
-  returns updates that move the params onto the average.
+  pass over the leaves, inside a gate that leaves the buffers untouched on
+  other steps (:func:`optax_ema._gate.skip_unless`: a ``lax.cond``, or on GPU
+  a ``while`` loop of zero or one iteration); it counts the step and, for a
+  periodic overwrite, returns updates that move the params onto the average.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ema import _averages
+from optax_ema import _gate
 from optax_ema import _inner_state
 from optax_ema import _offload
 from optax_ema import _rounding
@@ -215,15 +217,13 @@ class Engine(NamedTuple):
     if moves is None:
       new_slots, new_sizes = self._average(slots, step_sizes, values, count)
     else:
-      # Steps that do not average take the identity branch: no average
-      # memory is read or written. Only the new params go in, already
-      # formed: params and updates as operands made XLA copy both.
-      new_slots, new_sizes = jax.lax.cond(
+      # Steps that do not average skip the pass: no average memory is read
+      # or written. Only the new params go in, already formed: params and
+      # updates as operands made XLA copy both.
+      new_slots, new_sizes = _gate.skip_unless(
         moves,
-        self._average,
-        lambda s, z, v, c: (s, z),
-        slots,
-        step_sizes,
+        lambda carry, v, c: self._average(carry[0], carry[1], v, c),
+        (slots, step_sizes),
         values,
         count,
       )
@@ -234,14 +234,9 @@ class Engine(NamedTuple):
     out_updates = updates
     if self.overwrite_every:
       now = _and(real, (count + 1) % self.overwrite_every == 0)
-      out_updates = jax.lax.cond(
-        now,
-        self._overwrite,
-        lambda u, s, p: u,
-        updates,
-        new_slots[self.overwrite_slot],
-        params,
-      )
+      assert now is not None  # a traced flag: `count` is traced
+      slot = new_slots[self.overwrite_slot]
+      out_updates = self._overwrite(now, updates, slot, params)
     return EngineState(new_slots, new_count, new_sizes), out_updates
 
   def _follow(self, slot: SlotState, values: Any, real: jax.Array | None) -> SlotState:
@@ -325,8 +320,25 @@ class Engine(NamedTuple):
     """The step size of an average that is not per-leaf."""
     return _rules.interval_step(self.make_rule(slot.decay), count, self.update_every)
 
-  def _overwrite(self, updates: Any, slot: SlotState, params: Any) -> Any:
-    """Updates that move the params onto the (debiased) average ``slot``."""
+  def _overwrite(
+    self, now: jax.Array, updates: Any, slot: SlotState, params: Any
+  ) -> Any:
+    """Updates that move the params onto the (debiased) average ``slot`` if ``now``.
+
+    In device memory a select per leaf: it fuses into the wrapped optimizer's
+    update, where a gate would keep the updates in a buffer of their own.
+    Averages in host memory are brought over only when ``now`` holds: there
+    the whole overwrite is gated (see :mod:`optax_ema._gate`).
+    """
+    if self.offload:
+      return _gate.skip_unless(
+        now, lambda u, s, p: self._overwritten(u, s, p), updates, slot, params
+      )
+    return self._overwritten(updates, slot, params, now)
+
+  def _overwritten(
+    self, updates: Any, slot: SlotState, params: Any, now: jax.Array | None = None
+  ) -> Any:
     average = jax.tree.map(
       _offload.to_device_if_host, slot.tree, is_leaf=_tree_utils.is_none_or_masked
     )
@@ -338,7 +350,8 @@ class Engine(NamedTuple):
         return u
       if u is None or not _tree_utils.is_float(u):
         return u
-      return (a.astype(p.dtype) - p).astype(u.dtype)
+      onto = (a.astype(p.dtype) - p).astype(u.dtype)
+      return onto if now is None else jax.lax.select(now, onto, u)
 
     return jax.tree.map(
       leaf, average, updates, params, is_leaf=_tree_utils.is_none_or_masked

@@ -134,11 +134,17 @@ def test_averages_live_in_host_memory_and_equal_the_run_without_offload(
   for s in history:
     _check_placement(s, mesh)
   want_params, want_state, _ = _train(CONFIGS[config](), _params(mesh))
-  helpers.assert_trees_identical(got_params, want_params)
+  # In device memory the overwrite is a select fused into adam's update; in
+  # host memory it is gated, the updates formed apart: XLA may round the
+  # update differently (an FMA): a float32 rounding or so apart.
+  same = helpers.assert_trees_identical
+  if config == "overwrite":
+    same = helpers.assert_tree_close
+  same(got_params, want_params)
   which = {"several_debias": "slow", "power_ema": 0.1}.get(config)
   got = optax_ema.averaged_params(state, got_params, which=which)
   want = optax_ema.averaged_params(want_state, want_params, which=which)
-  helpers.assert_trees_identical(got, want)
+  same(got, want)
   for leaf in jax.tree.leaves(got):
     assert leaf.sharding.memory_kind == "device"
 
@@ -150,15 +156,26 @@ def test_averaged_params_without_params_comes_back_in_device_memory():
     assert leaf.sharding.memory_kind == "device"
 
 
+def _gates(eqn):
+  """Whether ``eqn`` runs its sub-jaxprs only on some steps.
+
+  A data-dependent ``cond`` or a ``while`` loop; not the ``cond`` that
+  ``lax.platform_dependent`` stages out (lowering picks one of its branches).
+  """
+  if eqn.primitive.name == "cond":
+    return eqn.params.get("branches_platforms") is None
+  return eqn.primitive.name == "while"
+
+
 def _transfers(jaxpr, inside_cond=False, out=None):
-  """(inside a cond branch?, destination) of every host/device device_put."""
+  """(inside a gate?, destination) of every host/device device_put."""
   out = [] if out is None else out
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "device_put":
       spaces = [d for d in eqn.params["devices"] if isinstance(d, jax.memory.Space)]
       out.extend((inside_cond, d) for d in spaces)
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      _transfers(sub, inside_cond or eqn.primitive.name == "cond", out)
+      _transfers(sub, inside_cond or _gates(eqn), out)
   return out
 
 
@@ -177,7 +194,7 @@ def test_steps_that_do_not_average_move_nothing_between_host_and_device(config):
   jaxpr = jax.make_jaxpr(step)(params, state, params).jaxpr
   moves = _transfers(jaxpr)
   assert moves, "no host/device transfer at all"
-  # Every transfer sits in a conditional branch (the averaging one).
+  # Every transfer sits in a gate (the averaging one, or the overwrite's).
   assert all(inside for inside, _ in moves), moves
   to_device = [d for _, d in moves if d == jax.memory.Space.Device]
   to_host = [d for _, d in moves if d == jax.memory.Space.Host]
