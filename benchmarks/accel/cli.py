@@ -138,7 +138,9 @@ def merge(results_dir: str) -> None:
       f.write("\n".join(tables.line(r) for r in report["results"]) + "\n")
     for path in paths:
       if path != out + ".json":
-        os.remove(path)
+        for suffix in (".json", ".md", ".txt"):
+          if os.path.exists(path[: -len(".json")] + suffix):
+            os.remove(path[: -len(".json")] + suffix)
 
 
 def _key(r: dict[str, Any]) -> str:
