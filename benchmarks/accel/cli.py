@@ -138,7 +138,9 @@ def merge(results_dir: str) -> None:
       f.write("\n".join(tables.line(r) for r in report["results"]) + "\n")
     for path in paths:
       if path != out + ".json":
-        os.remove(path)
+        for suffix in (".json", ".md", ".txt"):
+          if os.path.exists(path[: -len(".json")] + suffix):
+            os.remove(path[: -len(".json")] + suffix)
 
 
 def _key(r: dict[str, Any]) -> str:
@@ -161,6 +163,19 @@ def write_docs(results_dir: str) -> None:
   results = list(found.values())
   matrix.ratios(results)
   text = tables.docs(results, list(rows.ROWS), rows.MAIN)
+  after: list[dict[str, Any]] = []
+  for path in sorted(glob.glob(os.path.join(results_dir, "accel_after_*.json"))):
+    with open(path) as f:
+      after += json.load(f)["results"]
+  if after:
+    matrix.ratios(after)
+    text += (
+      "\n**After the engine's changes** (optimizer step alone, 1B, stacked"
+      " layers, FSDP; device temporaries over the baseline, x P, and the"
+      " bytes accessed of the averaging / skip branch):\n\n"
+      + tables.before_after(results, after, list(rows.ROWS))
+      + "\n"
+    )
   with open(os.path.join(results_dir, "accel_docs.md"), "w") as f:
     f.write(text)
   print(text)

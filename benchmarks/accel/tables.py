@@ -242,3 +242,34 @@ def docs(results: list[dict[str, Any]], names: list[str], main: list[str]) -> st
     ),
   ]
   return "\n".join(out) + "\n"
+
+
+def before_after(
+  before: list[dict[str, Any]], after: list[dict[str, Any]], names: list[str]
+) -> str:
+  """Device temporaries over the baseline, before and after the engine changes."""
+  opt = {"model": "1b", "program": "opt", "layout": "scan", "sharding": "fsdp"}
+  columns = []
+  for label, target in (("H100 x8", "h100x8"), ("v5e-256", "v5e-256")):
+    columns.append((f"{label} before", before, {"target": target, **opt}, "d_temp"))
+    columns.append((f"{label} after", after, {"target": target, **opt}, "d_temp"))
+  columns.append(
+    ("v5e-256 after, branches", after, {"target": "v5e-256", **opt}, "branches")
+  )
+  lines = [
+    "| row | " + " | ".join(c[0] for c in columns) + " |",
+    "| --- |" + " ---: |" * len(columns),
+  ]
+  for name in names:
+    cells = []
+    for _, results, where, field in columns:
+      r = _find(results, **where).get(name)
+      if r is None:
+        cells.append("n/r")
+      elif field == "branches":
+        cells.append(_branches(r))
+      else:
+        cells.append(_x(r.get(field), signed=True))
+    if any(c != "n/r" for c in cells[1::2]):
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
