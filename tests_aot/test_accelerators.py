@@ -2,7 +2,7 @@
 
 Every step here is compiled ahead of time for a TPU v5e 2x2 slice and for
 two NVIDIA H100s (XLA's description of one is committed as
-``benchmarks/targets/h100_sxm.txtpb``), as the integrations guide's recipe
+``benchmarks/accel/data/h100_sxm.txtpb``), as the integrations guide's recipe
 does it: in and out shardings from :func:`optax_ema.state_shardings`, the
 state donated. The model has a few layers, stacked for ``lax.scan`` or
 unrolled, sharded FSDP over ``data`` and tensor-parallel over ``model``; its
@@ -58,7 +58,7 @@ for _module, _extra in (
     )
 
 TARGET_CONFIG = (
-  pathlib.Path(__file__).parents[1] / "benchmarks" / "targets" / "h100_sxm.txtpb"
+  pathlib.Path(__file__).parents[1] / "benchmarks" / "accel" / "data" / "h100_sxm.txtpb"
 )
 TARGETS = ("tpu", "gpu")
 LAYOUTS = ("scanned", "unrolled")
