@@ -183,18 +183,22 @@ def _check_not_a_step(directory: pathlib.Path) -> None:
       )
 
 
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
 def _newer_step_folders(
   directory: pathlib.Path, count: int
 ) -> list[tuple[int, pathlib.Path]]:
   """Every step folder of ``directory`` after ``count``, snapshot or not.
 
-  Orbax's step names (``150``, ``step_150``, and unfinished
-  ``150.orbax-checkpoint-tmp-...``): a ``CheckpointManager`` sharing the
-  directory skips saving any step up to the latest it finds there.
+  Orbax's step names (``150``, ``step_150``): a ``CheckpointManager``
+  sharing the directory skips saving any step up to the latest it finds
+  there. An unfinished write (``150.orbax-checkpoint-tmp-...``) is no step:
+  Orbax never reads it and the next writer removes it.
   """
   out = []
   for path in directory.iterdir():
-    if not path.is_dir():
+    if not path.is_dir() or _TMP_MARK in path.name:
       continue
     try:
       step = ocp.path.step.step_from_checkpoint_name(path.name)
