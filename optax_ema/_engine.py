@@ -11,8 +11,8 @@ rounding, when to move) and lets it do the work:
   rule moves, every decay given is in [0, 1], the step is finite), and if
   so moves every average in one pass over the leaves, inside a gate that
   leaves the buffers untouched on other steps
-  (:func:`optax_ema._gate.skip_unless`: a ``lax.cond``, or on GPU a ``while``
-  loop of zero or one iteration); a decay check with no other gate to join
+  (:func:`optax_ema._gate.skip_unless`: a ``lax.cond``, or on GPU and TPU a
+  ``while`` loop of zero or one iteration); a decay check with no other gate to join
   is a select inside that pass instead (a gate of its own would cost a
   model-sized buffer on every step); it counts the step and, for a periodic
   overwrite, returns updates that move the params onto the average.
@@ -246,6 +246,7 @@ class Engine(NamedTuple):
         (slots, step_sizes),
         values,
         count,
+        host_memory=self.offload,
       )
     new_sizes = [
       z if ok is None else jnp.where(~ok if would is None else ~ok & would, jnp.nan, z)
@@ -293,8 +294,9 @@ class Engine(NamedTuple):
     weights and step sizes stay as they are (selects, not a gate).
     """
     value_leaves = _tree_utils.flatten(slots[0].tree)[1].flatten_up_to(values)
+    last: list[Any] = [None]  # the offloaded leaf moved last, of any average
     out = [
-      self._average_slot(j, state, value_leaves, count, keep)
+      self._average_slot(j, state, value_leaves, count, keep, last)
       for j, state in enumerate(slots)
     ]
     sizes = [w for _, w in out]
@@ -318,8 +320,13 @@ class Engine(NamedTuple):
     value_leaves: list[Any],
     count: jax.Array,
     keep: jax.Array | None = None,
+    last: list[Any] | None = None,
   ) -> tuple[SlotState, jax.Array]:
-    """Average ``j`` one step on, and its per-step step size."""
+    """Average ``j`` one step on, and its per-step step size.
+
+    ``last`` holds the offloaded leaf moved last (this updates it): each
+    offloaded leaf is moved after it (see :mod:`optax_ema._offload`).
+    """
     slot = self.slots[j]
     leaves, treedef = _tree_utils.flatten(state.tree)
     steps = self._step_sizes(j, state.tree, count)
@@ -331,18 +338,20 @@ class Engine(NamedTuple):
       weight = state.weight
       if slot.per_leaf and weight is not None and i in position:
         weight = weight[position[i]]  # one debias weight per array leaf
-      offloaded = self.offload and _tree_utils.is_float(a)
       rounds = stochastic and _tree_utils.is_float(a) and a.dtype.itemsize < 4
-      new = step_leaf(
-        _offload.to_device(a) if offloaded else a,
-        v,
-        steps[i],
+      kwargs: dict[str, Any] = dict(
         weight=weight,
         stochastic=rounds,
         seed=_rounding.rounding_seed(count, i, j) if rounds else None,
         keep=keep,
       )
-      new_leaves.append(_offload.to_host(new) if offloaded else new)
+      if self.offload and _tree_utils.is_float(a):
+        last = [None] if last is None else last
+        new = _offload.step_offloaded(step_leaf, a, v, last[0], steps[i], **kwargs)
+        last[0] = new
+      else:
+        new = step_leaf(a, v, steps[i], **kwargs)
+      new_leaves.append(new)
     if slot.per_leaf:
       sizes = [steps[i].weight(jnp.float32) for i in arrays]
       w = jnp.stack(sizes) if sizes else jnp.zeros([0], jnp.float32)
@@ -373,7 +382,12 @@ class Engine(NamedTuple):
     """
     if self.offload:
       return _gate.skip_unless(
-        now, lambda u, s, p: self._overwritten(u, s, p), updates, slot, params
+        now,
+        lambda u, s, p: self._overwritten(u, s, p),
+        updates,
+        slot,
+        params,
+        host_memory=True,
       )
     return self._overwritten(updates, slot, params, now)
 

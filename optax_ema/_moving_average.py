@@ -308,7 +308,7 @@ def moving_average(
       of the decays of the ``k`` updates since the last move (``decay ** k``
       for a constant decay), so the averaging window in steps does not
       change; the other steps do not touch the average (a ``lax.cond``; on
-      GPU a ``while`` loop of zero or one iteration).
+      GPU and TPU a ``while`` loop of zero or one iteration).
     stochastic_rounding: how an average stored in a narrower dtype than it is
       computed in (``ema_dtype=jnp.bfloat16`` or ``jnp.float16``) is rounded.
       ``None`` (the default) and ``True`` round each new average up or down
@@ -334,7 +334,8 @@ def moving_average(
     offload: if True, keep every floating-point average leaf in the host
       memory (``pinned_host``) of its parameter's devices, sharded like the
       parameter, from ``init`` on; each averaging step brings it to the
-      device and back, and steps that do not average (``update_every``,
+      device and back (on TPU the host's CPU moves it where it lies, see
+      the guide), and steps that do not average (``update_every``,
       micro-steps, skipped steps) move nothing. The count, debias weights
       and non-float leaves stay in device memory. See
       :func:`optax_ema.state_shardings` for ``jit`` and restore targets.

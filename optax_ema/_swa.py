@@ -113,7 +113,7 @@ def swa(
       = \\frac{k\\,\\bar{x} + x}{k + 1}
 
   and other updates leave :math:`\\bar{x}` unchanged (they do not touch it:
-  a ``lax.cond``, on GPU a ``while`` loop). Before the first snapshot the
+  a ``lax.cond``, on GPU and TPU a ``while`` loop). Before the first snapshot the
   average follows the parameters, so that :func:`optax_ema.averaged_params`
   returns the current parameters (TFA's average started at zeros and
   ``assign_average_vars`` wrote those zeros into the model). As for every

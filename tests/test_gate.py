@@ -1,4 +1,6 @@
-"""The one gate of the package: a cond on CPU and TPU, a while loop on GPU.
+"""The one gate of the package: a cond on CPU, a while loop on GPU and TPU.
+
+On TPU a gate that carries host memory (``offload``) is a cond.
 
 The formulation is chosen per lowering platform, so lowering the same step
 for another platform (no such device needed) shows which one it gets; both
@@ -40,11 +42,18 @@ def _lowered(tx, platform):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_gpu_lowering_gates_with_a_loop_and_the_others_with_a_conditional(config):
+def test_gpu_and_tpu_lowerings_gate_with_a_loop_and_cpu_with_a_conditional(config):
   tx = CONFIGS[config]()
+  for platform in ("cuda", "tpu"):
+    assert "stablehlo.while" in _lowered(tx, platform)
+  assert "stablehlo.while" not in _lowered(tx, "cpu")
+
+
+def test_an_offloaded_average_is_gated_by_a_conditional_on_tpu():
+  tx = optax_ema.moving_average(optax.sgd(0.1), 0.9, update_every=3, offload=True)
+  assert "stablehlo.while" not in _lowered(tx, "tpu")
+  assert "stablehlo.case" in _lowered(tx, "tpu")
   assert "stablehlo.while" in _lowered(tx, "cuda")
-  for platform in ("cpu", "tpu"):
-    assert "stablehlo.while" not in _lowered(tx, platform)
 
 
 def test_forced_formulations_compile_to_one_construct_on_cpu(monkeypatch):

@@ -5,6 +5,10 @@ sharding of every average leaf after init (eager and jitted) and after
 donated steps; values equal to the same run without offload; steps that do
 not average move nothing between host and device (checked on the jaxpr: on
 CPU, XLA drops memory moves when it lowers); Orbax round trips.
+
+An offloaded average is moved in device memory on CPU and GPU and on the
+host's CPU on TPU (XLA host compute); the ``moved_on`` fixture runs a test
+both ways here (``optax_ema._offload.FORCE``), as CPU can run either.
 """
 
 import jax
@@ -18,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_ema
+from optax_ema import _offload
 
 import helpers
 
@@ -120,10 +125,17 @@ def _train(tx, params, steps=6, *, donate=True, init_jit=False):
   return params, state, history
 
 
+@pytest.fixture(params=["device", "host"])
+def moved_on(request, monkeypatch):
+  """Where an offloaded average is moved: in device memory, or by the host."""
+  monkeypatch.setattr(_offload, "FORCE", request.param)
+  return request.param
+
+
 @pytest.mark.parametrize("devices", [1, 8], ids=["1_device", "2x4_mesh"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_averages_live_in_host_memory_and_equal_the_run_without_offload(
-  config, devices
+  config, devices, moved_on
 ):
   mesh = _mesh() if devices == 8 else None
   params = _params(mesh)
@@ -167,10 +179,32 @@ def _gates(eqn):
   return eqn.primitive.name == "while"
 
 
-def _transfers(jaxpr, inside_cond=False, out=None):
-  """(inside a gate?, destination) of every host/device device_put."""
+def _on_host_cpu(eqn):
+  return getattr(eqn.ctx, "compute_type", None) == "device_host"
+
+
+def _host_computations(jaxpr, inside_cond=False, out=None):
+  """(inside a gate?) of every computation run by the host's CPU."""
   out = [] if out is None else out
   for eqn in jaxpr.eqns:
+    if _on_host_cpu(eqn):
+      out.append(inside_cond)
+      continue
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _host_computations(sub, inside_cond or _gates(eqn), out)
+  return out
+
+
+def _transfers(jaxpr, inside_cond=False, out=None):
+  """(inside a gate?, destination) of every host/device device_put.
+
+  Not those inside a computation of the host's CPU (where every buffer is in
+  host memory: they only give its arguments the default memory space).
+  """
+  out = [] if out is None else out
+  for eqn in jaxpr.eqns:
+    if _on_host_cpu(eqn):
+      continue
     if eqn.primitive.name == "device_put":
       spaces = [d for d in eqn.params["devices"] if isinstance(d, jax.memory.Space)]
       out.extend((inside_cond, d) for d in spaces)
@@ -182,7 +216,9 @@ def _transfers(jaxpr, inside_cond=False, out=None):
 @pytest.mark.parametrize(
   "config", ["update_every", "multisteps", "skip_nonfinite", "overwrite", "swa"]
 )
-def test_steps_that_do_not_average_move_nothing_between_host_and_device(config):
+def test_steps_that_do_not_average_move_nothing_between_host_and_device(
+  config, moved_on
+):
   tx = CONFIGS[config](offload=True)
   params = _params(_mesh())
   state = tx.init(params)
@@ -194,22 +230,54 @@ def test_steps_that_do_not_average_move_nothing_between_host_and_device(config):
   jaxpr = jax.make_jaxpr(step)(params, state, params).jaxpr
   moves = _transfers(jaxpr)
   assert moves, "no host/device transfer at all"
-  # Every transfer sits in a gate (the averaging one, or the overwrite's).
+  # Every transfer, and every computation of the host, sits in a gate (the
+  # averaging one, or the overwrite's).
   assert all(inside for inside, _ in moves), moves
+  on_host = _host_computations(jaxpr)
+  assert all(on_host), on_host
   to_device = [d for _, d in moves if d == jax.memory.Space.Device]
   to_host = [d for _, d in moves if d == jax.memory.Space.Host]
-  assert to_device and to_host
+  assert to_host
+  if moved_on == "device":
+    assert to_device and not on_host
+  else:
+    assert on_host
 
 
-def test_a_step_that_averages_moves_each_average_once_each_way():
+def test_a_step_that_averages_moves_each_average_once_each_way(moved_on):
   tx = optax_ema.moving_average(optax.adam(0.05), (0.9, 0.99), offload=True)
   params = _params()
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
   moves = [d for _, d in _transfers(jaxpr)]
   n = 2 * len(jax.tree.leaves(params))  # two averages of three leaves
-  assert moves.count(jax.memory.Space.Device) == n
-  assert moves.count(jax.memory.Space.Host) == n
+  if moved_on == "device":
+    assert moves.count(jax.memory.Space.Device) == n
+    assert moves.count(jax.memory.Space.Host) == n
+    assert not _host_computations(jaxpr)
+  else:
+    # Each leaf's new params go over to the host, which moves the average
+    # where it is (its result is marked as host memory too): no average
+    # comes to device memory.
+    assert moves.count(jax.memory.Space.Device) == 0
+    assert moves.count(jax.memory.Space.Host) == 2 * n
+    assert len(_host_computations(jaxpr)) == n
+
+
+def test_on_tpu_the_host_moves_the_averages_and_elsewhere_the_device(monkeypatch):
+  # Lowered for CPU (the platform a test runs on), the step holds no host
+  # computation; which one a TPU gets is checked where a TPU compiler is
+  # (the accelerator checks of tests_aot).
+  tx = optax_ema.moving_average(optax.adam(0.05), 0.9, offload=True)
+  params = _params()
+  state = tx.init(params)
+
+  def lowered():  # a new function each time: jit caches by function
+    return jax.jit(lambda *a: tx.update(*a)).lower(params, state, params).as_text()
+
+  assert "_xla_compute_type" not in lowered()
+  monkeypatch.setattr(_offload, "FORCE", "host")
+  assert '_xla_compute_type = "host"' in lowered()
 
 
 def test_state_shardings_place_averages_on_host_and_moments_on_device():

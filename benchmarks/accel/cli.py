@@ -152,7 +152,11 @@ def _platforms(key: str) -> str:
 
 
 def write_docs(results_dir: str) -> None:
-  """``accel_docs.md`` from the full run's JSON files (``accel_full_*.json``)."""
+  """``accel_docs.md`` from the full run's JSON files (``accel_full_*.json``).
+
+  With the figures of the engine before its accelerator changes beside them
+  where ``accel_before_*.json`` (an earlier full run, kept) exist.
+  """
   results: list[dict[str, Any]] = []
   found: dict[str, dict[str, Any]] = {}
   paths = glob.glob(os.path.join(results_dir, "accel_full_*.json"))
@@ -163,17 +167,18 @@ def write_docs(results_dir: str) -> None:
   results = list(found.values())
   matrix.ratios(results)
   text = tables.docs(results, list(rows.ROWS), rows.MAIN)
-  after: list[dict[str, Any]] = []
-  for path in sorted(glob.glob(os.path.join(results_dir, "accel_after_*.json"))):
+  before: list[dict[str, Any]] = []
+  for path in sorted(glob.glob(os.path.join(results_dir, "accel_before_*.json"))):
     with open(path) as f:
-      after += json.load(f)["results"]
-  if after:
-    matrix.ratios(after)
+      before += json.load(f)["results"]
+  if before:
+    matrix.ratios(before)
     text += (
-      "\n**After the engine's changes** (optimizer step alone, 1B, stacked"
-      " layers, FSDP; device temporaries over the baseline, x P, and the"
-      " bytes accessed of the averaging / skip branch):\n\n"
-      + tables.before_after(results, after, list(rows.ROWS))
+      "\n**Before and after the engine's accelerator changes** (optimizer"
+      " step alone, 1B, stacked layers, FSDP; device temporaries over the"
+      " baseline, x P, and the bytes accessed of the averaging / skip"
+      " branch after):\n\n"
+      + tables.before_after(before, results, list(rows.ROWS))
       + "\n"
     )
   with open(os.path.join(results_dir, "accel_docs.md"), "w") as f:

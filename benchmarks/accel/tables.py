@@ -196,8 +196,9 @@ def docs(results: list[dict[str, Any]], names: list[str], main: list[str]) -> st
     ),
     "",
     "**Branches and fusions of the same step** (bytes accessed with every"
-    " conditional forced to its averaging / skip branch, x P; kFusion"
-    " instructions in the entry / the averaging branch):",
+    " gate forced to its averaging / skip branch, x P; kFusion"
+    " instructions in the entry / in a conditional's averaging branch, 0"
+    " where the gate is a loop, whose body is not counted):",
     "",
     pivot(
       results,
