@@ -14,7 +14,10 @@ is, see :func:`step_offloaded`):
   holds no average and no copy at all; host memory holds one leaf's params
   in transit beside the averages.
 - Elsewhere (GPU, CPU) each leaf is brought to device memory, moved and put
-  back.
+  back, one leaf after the other: a leaf comes over only once the leaf
+  before it has left, so the device holds one average at a time (on 8
+  H100s, 0.18x the parameter bytes of temporaries, the largest leaf, where
+  letting XLA:GPU schedule the copies freely held 0.37-0.71x).
 
 ``jax.device_put`` with a memory :class:`jax.memory.Space` keeps the
 sharding and works eagerly and under ``jit`` (with donation), ``vmap`` and
@@ -86,14 +89,16 @@ def step_offloaded(
   """``step(average, value, *args, **kwargs)`` for a leaf in host memory.
 
   Returns the new leaf, in host memory. ``after`` (``None``, or the previous
-  offloaded leaf's result) orders the steps on the host: a leaf's params go
-  over only once the leaf before it is done, so that host memory holds one
-  leaf's params in transit, not the model's. ``step`` must be a module-level
-  function (it is compiled once per function); ``kwargs`` may hold
-  ``stochastic``, static.
+  offloaded leaf's result) orders the steps: a leaf's params go over to the
+  host (TPU), or its average comes to the device (elsewhere), only once the
+  leaf before it is done, so that one leaf is in transit, not the model.
+  ``step`` must be a module-level function (it is compiled once per
+  function); ``kwargs`` may hold ``stochastic``, static.
   """
 
-  def on_device(a: Any, v: Any, _: Any, *args: Any) -> Any:
+  def on_device(a: Any, v: Any, after: Any, *args: Any) -> Any:
+    if after is not None:  # this average comes over after the last one left
+      a, _ = jax.lax.optimization_barrier((a, after))
     return to_host(step(to_device(a), v, *args, **kwargs))
 
   def on_host(a: Any, v: Any, after: Any, *args: Any) -> Any:

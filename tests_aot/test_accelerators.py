@@ -20,7 +20,9 @@ The properties are constants, not recorded figures:
 2. offload keeps exactly the averages in host memory; on TPU the host's CPU
    moves them (the device holds none of them: no device temporaries), the
    params going over one leaf at a time (host temporaries of at most the
-   largest leaf), inside the gate of a gated step;
+   largest leaf), inside the gate of a gated step; on GPU they come to the
+   device one leaf at a time (device temporaries of at most the largest
+   leaf);
 3. the average moves at most 1.01x the bytes of the hand-fused step on TPU
    (adam's update and ``optax.incremental_update`` in one jitted step), and
    takes at most one more fusion on GPU;
@@ -343,12 +345,27 @@ def test_offload_needs_no_device_memory_and_one_leaf_in_transit_on_tpu(layout):
   compiled, param_bytes = _compiled("tpu", layout, "offload")
   memory = compiled.memory_analysis()
   assert memory.temp_size_in_bytes <= 0.25 * param_bytes
-  params, _ = _model("tpu", layout, OPT_DIMS)
-  largest = max(
+  largest = _largest_leaf_bytes("tpu", layout)
+  assert memory.host_temp_size_in_bytes <= largest
+  assert largest < 0.6 * param_bytes  # a leaf, not the model
+
+
+def _largest_leaf_bytes(target, layout):
+  params, _ = _model(target, layout, OPT_DIMS)
+  return max(
     int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
     for x in jax.tree.leaves(params)
   )
-  assert memory.host_temp_size_in_bytes <= largest
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_offload_brings_one_average_at_a_time_to_the_gpu(layout):
+  compiled, param_bytes = _compiled("gpu", layout, "offload")
+  memory = compiled.memory_analysis()
+  assert memory.host_argument_size_in_bytes == param_bytes
+  assert memory.host_output_size_in_bytes == param_bytes
+  largest = _largest_leaf_bytes("gpu", layout)
+  assert memory.temp_size_in_bytes <= 1.01 * largest
   assert largest < 0.6 * param_bytes  # a leaf, not the model
 
 

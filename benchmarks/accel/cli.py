@@ -114,17 +114,19 @@ def merge(results_dir: str) -> None:
       continue
     report: dict[str, Any] = {}
     found: dict[str, dict[str, Any]] = {}
-    elapsed, errors = 0.0, []
+    elapsed, errors, parts = 0.0, {}, {}
     for path in paths:
       with open(path) as f:
         part = json.load(f)
       report = report or part
       elapsed += part.get("elapsed_s", 0.0)  # parts may have run side by side
-      errors += part.get("errors", [])
+      errors.update((e["job"], e) for e in part.get("errors", []))
+      parts.update(dict.fromkeys(part.get("parts", [os.path.basename(path)])))
       for r in part["results"]:  # a later part's rerun replaces a job
         found[_key(r)] = r
-    report["elapsed_s"], report["errors"] = elapsed, errors
-    report["parts"] = [os.path.basename(p) for p in paths]
+    report["elapsed_s"] = elapsed
+    report["errors"] = [e for k, e in errors.items() if k not in found]
+    report["parts"] = list(parts)  # of an earlier merge too
     report["results"] = sorted(found.values(), key=lambda r: order.get(_key(r), 1e9))
     report["not_run"] = [
       k for k in order if k not in found and platform_name in _platforms(k)
