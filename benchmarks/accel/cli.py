@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from . import limits
 from . import matrix
 from . import recipe
 from . import rows
@@ -225,6 +226,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--recipe", action="store_true", help="count the sharded-jit recipe's collectives"
   )
+  parser.add_argument(
+    "--limits",
+    action="store_true",
+    help="reproduce the XLA:TPU limits without optax_ema (accel_limits.json)",
+  )
   parser.add_argument("--list", action="store_true", help="print the jobs and exit")
   args = parser.parse_args(argv)
   results_dir = os.path.join("benchmarks", "results")
@@ -239,6 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     report = {"versions": targets.versions(), "collectives": found}
     _write(os.path.join(results_dir, "accel_recipe.json"), report)
     print(json.dumps(found, indent=1))
+    return
+  if args.limits:
+    report = {"versions": targets.versions(), "temporaries": limits.run()}
+    _write(os.path.join(results_dir, "accel_limits.json"), report)
+    print(json.dumps(report["temporaries"], indent=1))
     return
   if args.list:
     for job in matrix.plan(args.matrix):
