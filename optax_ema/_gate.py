@@ -16,10 +16,11 @@ machine it is traced on):
   its carry in place: there the gate is a loop of zero or one iteration.
 - XLA:TPU does the same on some slices (a v5p-128 slice: +1.44x the
   parameter bytes per chip with a conditional, 0 with the loop, for a 1B
-  model; on v5e and v6e slices both need 0): the loop there too. But where
-  the averages live in host memory (``offload``, ``host_memory=True``), a
-  loop makes XLA:TPU relayout the carried host buffers through device
-  memory (+3.3x on v5e-256), and a conditional costs less (+0.97x).
+  model with ``update_every`` or ``MultiSteps``; on v5e and v6e slices both
+  need 0): the loop there too. But where the averages live in host memory
+  (``offload``, ``host_memory=True``), a loop makes XLA:TPU relayout the
+  carried host buffers through device memory (over 3x in a trial on
+  v5e-256), and a conditional costs less (+0.97x).
 - XLA:CPU runs a ``conditional`` in place; there it is a ``lax.cond`` whose
   other branch forwards the carry.
 

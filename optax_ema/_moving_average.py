@@ -308,7 +308,8 @@ def moving_average(
       of the decays of the ``k`` updates since the last move (``decay ** k``
       for a constant decay), so the averaging window in steps does not
       change; the other steps do not touch the average (a ``lax.cond``; on
-      GPU and TPU a ``while`` loop of zero or one iteration).
+      GPU and TPU a ``while`` loop of zero or one iteration, but a
+      ``lax.cond`` for offloaded averages on TPU).
     stochastic_rounding: how an average stored in a narrower dtype than it is
       computed in (``ema_dtype=jnp.bfloat16`` or ``jnp.float16``) is rounded.
       ``None`` (the default) and ``True`` round each new average up or down

@@ -8,7 +8,8 @@ is, see :func:`step_offloaded`):
 
 - XLA:TPU schedules every host-to-device copy of a step as early as it can,
   so bringing the averages over would hold all of them in device memory at
-  once (1.3-1.6x the parameter bytes of temporaries, measured). There each
+  once (1.05-2.41x the parameter bytes of temporaries on v6e, v5e and v5p
+  slices, measured). There each
   leaf is moved by the host's CPU instead (XLA host compute): the leaf's new
   params go over to host memory, one leaf after the other, and the device
   holds no average and no copy at all; host memory holds one leaf's params
@@ -17,7 +18,7 @@ is, see :func:`step_offloaded`):
   back, one leaf after the other: a leaf comes over only once the leaf
   before it has left, so the device holds one average at a time (on 8
   H100s, 0.18x the parameter bytes of temporaries, the largest leaf, where
-  letting XLA:GPU schedule the copies freely held 0.37-0.71x).
+  letting XLA:GPU schedule the copies freely held 0.37-0.77x).
 
 ``jax.device_put`` with a memory :class:`jax.memory.Space` keeps the
 sharding and works eagerly and under ``jit`` (with donation), ``vmap`` and

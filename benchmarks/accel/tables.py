@@ -181,7 +181,10 @@ def docs(results: list[dict[str, Any]], names: list[str], main: list[str]) -> st
   unrolled = {**opt, "layout": "unrolled"}
   tpu, gpu = {"target": "v5e-256"}, {"target": "h100x8"}
   out = [
-    "**The optimizer step alone** (1B, layers stacked, FSDP; per chip, x P):",
+    "**The optimizer step alone** (1B, layers stacked, FSDP; per chip, x P;"
+    " `n/r` marks a job not run: the TPU train step of rows that are not"
+    " main rows, and the GPU's offload with `update_every`, which the"
+    " deviceless compiler fails to trace):",
     "",
     pivot(
       results,
