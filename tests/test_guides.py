@@ -84,3 +84,35 @@ def test_opted_out_block_is_valid_python(name, index, block):
   del index
   code = compile(block.source, f"docs/{name}:{block.line}", "exec")
   assert code.co_names  # it is code, not an empty block
+
+
+ALL_PAGES = [
+  DOCS / "index.md",
+  *sorted((DOCS / "guides").glob("*.md")),
+  ROOT / "README.md",
+]
+
+
+def _headings(text):
+  """The page's markdown headings, outside fenced code blocks."""
+  found, fenced = [], False
+  for line in text.splitlines():
+    if line.startswith("```"):
+      fenced = not fenced
+    elif not fenced and line.startswith("#"):
+      found.append(line.strip())
+  return found
+
+
+@pytest.mark.parametrize(
+  "page", ALL_PAGES, ids=lambda p: p.relative_to(ROOT).as_posix()
+)
+def test_no_page_repeats_a_heading_or_a_paragraph(page):
+  text = page.read_text()
+  headings = _headings(text)
+  assert len(headings) == len(set(headings)), sorted(
+    {h for h in headings if headings.count(h) > 1}
+  )
+  paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 200]
+  repeated = {p[:80] for p in paragraphs if paragraphs.count(p) > 1}
+  assert not repeated, repeated
