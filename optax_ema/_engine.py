@@ -11,10 +11,11 @@ rounding, when to move) and lets it do the work:
   rule moves, every decay given is in [0, 1], the step is finite), and if
   so moves every average in one pass over the leaves, inside a gate that
   leaves the buffers untouched on other steps
-  (:func:`optax_ema._gate.skip_unless`: a ``lax.cond``, or on GPU and TPU a
-  ``while`` loop of zero or one iteration); a decay check with no other gate to join
-  is a select inside that pass instead (a gate of its own would cost a
-  model-sized buffer on every step); it counts the step and, for a periodic
+  (:func:`optax_ema._gate.skip_unless`: on GPU and TPU a ``while`` loop of
+  zero or one iteration, elsewhere, and around averages in host memory on
+  TPU, a ``lax.cond``); a decay check with no other gate to join is a select
+  inside that pass instead (a gate of its own would cost a model-sized
+  buffer on every step); it counts the step and, for a periodic
   overwrite, returns updates that move the params onto the average.
 """
 
@@ -319,8 +320,8 @@ class Engine(NamedTuple):
     state: SlotState,
     value_leaves: list[Any],
     count: jax.Array,
-    keep: jax.Array | None = None,
-    last: list[Any] | None = None,
+    keep: jax.Array | None,
+    last: list[Any],
   ) -> tuple[SlotState, jax.Array]:
     """Average ``j`` one step on, and its per-step step size.
 
@@ -346,7 +347,6 @@ class Engine(NamedTuple):
         keep=keep,
       )
       if self.offload and _tree_utils.is_float(a):
-        last = [None] if last is None else last
         new = _offload.step_offloaded(step_leaf, a, v, last[0], steps[i], **kwargs)
         last[0] = new
       else:

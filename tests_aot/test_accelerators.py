@@ -52,6 +52,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_ema
+from benchmarks.accel import limits
+from benchmarks.accel import metrics
 from optax_ema import _values
 
 for _module, _extra in (
@@ -255,27 +257,12 @@ def _temp(target, layout, row):
   return compiled.memory_analysis().temp_size_in_bytes / param_bytes
 
 
-def _computations(text):
-  out, name = {}, None
-  for line in text.splitlines():
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
-    if header:
-      name = header.group(1)
-      out[name] = []
-    elif line.startswith("}"):
-      name = None
-    elif name is not None:
-      out[name].append(line.strip())
-  return out
-
-
 def _entry(text):
-  return _computations(text)[
-    re.search(r"^ENTRY %?([\w.\-]+) ", text, re.MULTILINE).group(1)
-  ]
+  return metrics.computations(text)["ENTRY"]
 
 
 def _collectives(text):
+  found = metrics.hlo_summary(text)["collectives"]
   kinds = (
     "all-gather",
     "all-reduce",
@@ -283,7 +270,7 @@ def _collectives(text):
     "all-to-all",
     "collective-permute",
   )
-  return {k: text.count(f" {k}(") + text.count(f" {k}-start(") for k in kinds}
+  return {k: found.get(k, 0) for k in kinds}
 
 
 def test_the_model_has_a_large_leaf_and_a_replicated_norm():
@@ -444,8 +431,6 @@ def test_the_xla_limits_reproduce_without_this_library():
   the gated forms do (v5e-256, 1B). When this fails on the second pair, XLA
   has lifted a limit: drop the matching strict xfails and update the guides.
   """
-  from benchmarks.accel import limits
-
   finite = limits.finite_gate("v5e-256")
   host = limits.host_gate("v5e-256")
   assert finite["count"]["temp"] == 0

@@ -35,7 +35,7 @@ from . import targets as targets_lib
 LR, DECAY = 1e-3, 0.999
 
 
-def _setup(target: str, model: str) -> tuple[Any, Any, float]:
+def _setup(target: str, model: str) -> tuple[Any, Any, Any, float]:
   """Abstract params, their specs (FSDP, stacked layers), param bytes per chip."""
   c = model_lib.CONFIGS[model]
   mesh = targets_lib.mesh(targets_lib.TARGETS[target], tensor_parallel=False)
@@ -47,7 +47,7 @@ def _setup(target: str, model: str) -> tuple[Any, Any, float]:
   )
   params = model_lib.abstract_params(c, scan=True)
   per_chip = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-  return (params, mesh), specs, per_chip / mesh.size
+  return params, mesh, specs, per_chip / mesh.size
 
 
 def _abstract(params: Any, mesh: Any, specs: Any, kind: str | None = None) -> Any:
@@ -79,7 +79,7 @@ def _sgd_momentum(p: Any, m: Any, g: Any) -> tuple[Any, Any]:
 
 def finite_gate(target: str, model: str = "1b") -> dict[str, Any]:
   """Temporaries of a loop-gated average: count-predicated, finite-predicated."""
-  (params, mesh), specs, per_chip = _setup(target, model)
+  params, mesh, specs, per_chip = _setup(target, model)
   out: dict[str, Any] = {}
   for predicate in ("count", "finite"):
 
@@ -107,7 +107,7 @@ def finite_gate(target: str, model: str = "1b") -> dict[str, Any]:
 
 def host_gate(target: str, model: str = "1b") -> dict[str, Any]:
   """Temporaries of averages the host moves: every step, and inside a cond."""
-  (params, mesh), specs, per_chip = _setup(target, model)
+  params, mesh, specs, per_chip = _setup(target, model)
 
   @compute_on("device_host")
   @jax.jit
