@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ema import _reading
+from optax_ema import _states
 from optax_ema import _tree_utils
 from optax_ema import _variables
 
@@ -130,7 +131,8 @@ def diagnostics(
   opt_state = _variables.strip(opt_state)
   params = _variables.strip(params)
   state = _reading.find_average_state(opt_state, caller="diagnostics")
-  out: dict[str, jax.Array] = {"count": jnp.asarray(state.count)}
+  count = _states.layout_of(state).count(state)
+  out: dict[str, jax.Array] = {"count": jnp.asarray(count)}
   _, all_views = _reading.views(state)
   if which is not None or len(all_views) == 1:
     chosen = [(_reading.pick(state, which), "")]

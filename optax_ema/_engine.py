@@ -1,14 +1,13 @@
 """The averaging engine: one pass over the leaves for every average of a state.
 
-Every averaging transform of the package (:func:`optax_ema.moving_average`,
-:func:`optax_ema.power_ema`, :func:`optax_ema.swa`) describes its averages
-as an :class:`Engine` (which rule moves each one, debiasing, masks, dtypes,
-rounding, when to move) and lets it do the work:
+Every averaging transformation describes its averages as an :class:`Engine`
+(the rule that moves each one, :mod:`optax_ema._rules`; debiasing, mask,
+storage) and lets it do the work:
 
 - :meth:`Engine.init` builds the averages from the params;
 - :meth:`Engine.update` decides whether this step averages (the wrapped
-  optimizer applied an update, the step is on the ``update_every`` grid, the
-  rule moves, every decay given is in [0, 1], the step is finite), and if
+  optimizer applied an update, every rule's gate holds, every decay given
+  is in [0, 1], the step is finite), and if
   so moves every average in one pass over the leaves, inside a gate that
   leaves the buffers untouched on other steps
   (:func:`optax_ema._gate.skip_unless`: on GPU and TPU a ``while`` loop of
@@ -21,7 +20,6 @@ rounding, when to move) and lets it do the work:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
@@ -35,19 +33,20 @@ from optax_ema import _inner_state
 from optax_ema import _offload
 from optax_ema import _rounding
 from optax_ema import _rules
+from optax_ema import _storage
 from optax_ema import _tree_utils
 from optax_ema import _values
 
 
 class Slot(NamedTuple):
-  """The static description of one average."""
+  """The static description of one average: its rule, and whether it is debiased."""
 
-  decay: Any  # one decay spec, or a PerLeafDecay of them
+  rule: _rules.Rule
   debias: bool = False
 
   @property
   def per_leaf(self) -> bool:
-    return isinstance(self.decay, _rules.PerLeafDecay)
+    return self.rule.per_leaf
 
 
 class SlotState(NamedTuple):
@@ -63,15 +62,6 @@ class EngineState(NamedTuple):
   slots: list[SlotState]
   counted: jax.Array  # int32: the updates applied so far (the state's count)
   step_sizes: list[jax.Array]  # per average: the last step's per-step weight
-
-
-def _and(*flags: jax.Array | None) -> jax.Array | None:
-  """Conjunction of scalar bools; ``None`` stands for a static True."""
-  out = None
-  for flag in flags:
-    if flag is not None:
-      out = flag if out is None else out & flag
-  return out
 
 
 def step_leaf(
@@ -123,41 +113,27 @@ class Engine(NamedTuple):
   """The static configuration of every average of one transformation.
 
   Attributes:
-    slots: one :class:`Slot` per average.
-    make_rule: turns one decay spec into a rule ``count -> StepSize``.
-    ema_dtype: the accumulator dtype (``None``: float32 for float16/bfloat16
-      params, the params' dtype otherwise).
+    slots: one :class:`Slot` per average. Their rules say when the averages
+      move (:meth:`optax_ema._rules.Rule.gate`): the averages of one engine
+      move together, on the steps where every rule's gate holds.
+    storage: the averages' dtype, rounding and memory
+      (:class:`optax_ema._storage.Storage`).
     mask: the averages' mask (a bool prefix tree, a callable, or ``None``).
     sequential: average ``params + updates`` (True) or ``params``.
-    update_every: average every this many real steps, by the product of the
-      decays since the last one.
-    stochastic: round narrower storage stochastically (``None`` and True) or
-      to nearest (False).
     skip_nonfinite: a step with non-finite gradients or new params neither
       averages nor counts.
-    moves: an extra rule-level gate ``count -> bool`` (SWA's snapshots).
-    interval: the steps one averaging step stands for, for the per-step step
-      size that diagnostics report (``update_every``; SWA's period).
     overwrite_every: every this many real steps, return updates that move
       the params onto the average ``overwrite_slot`` (0: never).
     overwrite_slot: which average overwrites.
-    offload: keep the floating-point averages in host memory (``pinned_host``),
-      bringing them to the device only on averaging steps.
   """
 
   slots: tuple[Slot, ...]
-  make_rule: Callable[[Any], _rules.Rule]
-  ema_dtype: Any = None
+  storage: _storage.Storage = _storage.Storage()
   mask: Any = None
   sequential: bool = True
-  update_every: int = 1
-  stochastic: bool | None = None
   skip_nonfinite: bool = False
-  moves: Callable[[jax.Array], jax.Array] | None = None
-  interval: int = 1
   overwrite_every: int = 0
   overwrite_slot: int = 0
-  offload: bool = False
 
   # -- init --------------------------------------------------------------------
 
@@ -169,13 +145,13 @@ class Engine(NamedTuple):
       slots = [SlotState(params, w) for w in weights]
       ones = [jnp.ones([], jnp.float32) for _ in self.slots]
       return EngineState(slots, jnp.zeros([], jnp.int32), ones)
-    if self.offload:
+    if self.storage.offload:
       _offload.check_not_in_pmap()
     mask = _tree_utils.expand_mask(self.mask, params)
     slots, step_sizes = [], []
     for slot in self.slots:
       tree = _tree_utils.map_selected(self._init_leaf, mask, params)
-      _rules.leaf_rules(slot.decay, tree, self.make_rule)  # a bad prefix fails here
+      slot.rule.leaves(tree)  # a per-leaf tree that is not a prefix fails here
       n = len(jax.tree.leaves(tree))
       shape = [n] if slot.per_leaf else []
       weight = jnp.zeros(shape, jnp.float32) if slot.debias else None
@@ -185,9 +161,9 @@ class Engine(NamedTuple):
 
   def _init_leaf(self, p: Any) -> Any:
     if _tree_utils.is_float(p):
-      dtype = _values.default_ema_dtype(jnp.asarray(p).dtype, self.ema_dtype)
+      dtype = _values.default_ema_dtype(jnp.asarray(p).dtype, self.storage.dtype)
       copy = jnp.array(p, dtype=dtype, copy=True)  # explicit: never weak
-      return _offload.to_host(copy) if self.offload else copy
+      return _offload.to_host(copy) if self.storage.offload else copy
     if _tree_utils.is_key(p):
       data = jnp.array(jax.random.key_data(p), copy=True)
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(p))
@@ -212,7 +188,7 @@ class Engine(NamedTuple):
     Returns the new state and the updates to apply (the wrapped optimizer's,
     or the overwrite's).
     """
-    if self.offload:
+    if self.storage.offload:
       _offload.check_not_in_pmap()
     slots, count, step_sizes = state
     reference = slots[0].tree
@@ -220,20 +196,16 @@ class Engine(NamedTuple):
     finite = None
     if self.skip_nonfinite:
       finite = _values.all_finite(grads) & _values.all_finite(values)
-    real = _and(_inner_state.applied_update(inner_before, inner_after), finite)
-    on_grid = None
-    if self.update_every > 1:
-      on_grid = (count + 1) % self.update_every == 0
-    rule_moves = None if self.moves is None else self.moves(count)
+    real = _rules.all_of(_inner_state.applied_update(inner_before, inner_after), finite)
     # A decay known only now (traced, or a schedule's value) outside [0, 1]
     # or NaN: the step does not average, and records a NaN step size.
-    valid = [_rules.decays_valid(s.decay, count, self.update_every) for s in self.slots]
-    would = _and(real, on_grid, rule_moves)
+    valid = [s.rule.valid(count) for s in self.slots]
+    would = _rules.all_of(real, *(s.rule.gate(count) for s in self.slots))
     # Where no other gate exists, the check creates none: it is a select in
     # the per-leaf pass (a gate would take the new params as an operand, a
     # buffer the size of the model); else it joins that gate's predicate.
-    keep = _and(*valid) if would is None else None
-    moves = None if would is None else _and(would, *valid)
+    keep = _rules.all_of(*valid) if would is None else None
+    moves = None if would is None else _rules.all_of(would, *valid)
 
     if moves is None:
       new_slots, new_sizes = self._average(slots, step_sizes, values, count, keep)
@@ -247,7 +219,7 @@ class Engine(NamedTuple):
         (slots, step_sizes),
         values,
         count,
-        host_memory=self.offload,
+        host_memory=self.storage.offload,
       )
     new_sizes = [
       z if ok is None else jnp.where(~ok if would is None else ~ok & would, jnp.nan, z)
@@ -259,7 +231,7 @@ class Engine(NamedTuple):
       new_count = jnp.where(real, new_count, count)
     out_updates = updates
     if self.overwrite_every:
-      now = _and(real, *valid, (count + 1) % self.overwrite_every == 0)
+      now = _rules.all_of(real, *valid, (count + 1) % self.overwrite_every == 0)
       assert now is not None  # a traced flag: `count` is traced
       slot = new_slots[self.overwrite_slot]
       out_updates = self._overwrite(now, updates, slot, params)
@@ -307,11 +279,11 @@ class Engine(NamedTuple):
 
   def _step_sizes(self, j: int, reference: Any, count: jax.Array) -> list[Any]:
     """The step size of average ``j`` at each leaf (one per distinct rule)."""
-    rules = _rules.leaf_rules(self.slots[j].decay, reference, self.make_rule)
     cache: dict[int, _rules.StepSize] = {}
+    rules = self.slots[j].rule.leaves(reference)
     for r in rules:
       if id(r) not in cache:
-        cache[id(r)] = _rules.interval_step(r, count, self.update_every)
+        cache[id(r)] = r.step(count)
     return [cache[id(r)] for r in rules]
 
   def _average_slot(
@@ -333,7 +305,7 @@ class Engine(NamedTuple):
     steps = self._step_sizes(j, state.tree, count)
     arrays = [i for i, a in enumerate(leaves) if not _tree_utils.is_none_or_masked(a)]
     position = {i: k for k, i in enumerate(arrays)}  # among jax.tree.leaves
-    stochastic = self.stochastic is not False
+    stochastic = self.storage.stochastic is not False
     new_leaves = []
     for i, (a, v) in enumerate(zip(leaves, value_leaves, strict=True)):
       weight = state.weight
@@ -346,7 +318,7 @@ class Engine(NamedTuple):
         seed=_rounding.rounding_seed(count, i, j) if rounds else None,
         keep=keep,
       )
-      if self.offload and _tree_utils.is_float(a):
+      if self.storage.offload and _tree_utils.is_float(a):
         new = _offload.step_offloaded(step_leaf, a, v, last[0], steps[i], **kwargs)
         last[0] = new
       else:
@@ -357,18 +329,14 @@ class Engine(NamedTuple):
       w = jnp.stack(sizes) if sizes else jnp.zeros([0], jnp.float32)
     else:
       # One rule for every leaf; asked directly when there is no leaf.
-      step = steps[0] if steps else self._slot_step(slot, count)
+      step = steps[0] if steps else slot.rule.step(count)
       w = step.weight(jnp.float32)
     weight = state.weight
     if weight is not None:
       moved = _next_weight(weight, w)
       weight = moved if keep is None else jnp.where(keep, moved, weight)
     new_state = SlotState(treedef.unflatten(new_leaves), weight)
-    return new_state, _rules.per_step(w, self.interval)
-
-  def _slot_step(self, slot: Slot, count: jax.Array) -> _rules.StepSize:
-    """The step size of an average that is not per-leaf."""
-    return _rules.interval_step(self.make_rule(slot.decay), count, self.update_every)
+    return new_state, slot.rule.per_step(w)
 
   def _overwrite(
     self, now: jax.Array, updates: Any, slot: SlotState, params: Any
@@ -380,7 +348,7 @@ class Engine(NamedTuple):
     Averages in host memory are brought over only when ``now`` holds: there
     the whole overwrite is gated (see :mod:`optax_ema._gate`).
     """
-    if self.offload:
+    if self.storage.offload:
       return _gate.skip_unless(
         now,
         lambda u, s, p: self._overwritten(u, s, p),

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,90 +13,13 @@ import optax
 from optax_ema import _averages
 from optax_ema import _engine
 from optax_ema import _rules
+from optax_ema import _states
+from optax_ema import _storage
 from optax_ema import _transform
 from optax_ema import _validation
+from optax_ema._states import MovingAverageState as MovingAverageState
 
 DecayLike = float | jax.typing.ArrayLike | Callable[[jax.Array], jax.typing.ArrayLike]
-
-
-class MovingAverageState(NamedTuple):
-  """State of :func:`moving_average`.
-
-  Attributes:
-    inner_state: the wrapped optimizer's state.
-    average: the moving average of the parameters, a tree with the structure
-      of the parameters. Floating point leaves hold the average (in float32
-      for float16/bfloat16 parameters unless ``ema_dtype`` says otherwise);
-      non-float leaves hold the latest parameter value; masked-out leaves are
-      ``optax.MaskedNode()`` and ``None`` leaves stay ``None``. With several
-      decays an :class:`optax_ema.Averages` (one such tree per decay), with
-      ``debias=True`` a :class:`optax_ema.DebiasedAverage`; read it with
-      :func:`optax_ema.averaged_params` in every case.
-    count: int32 scalar, the number of updates the wrapped optimizer applied
-      so far (saturating): micro-steps of ``optax.MultiSteps``, steps that
-      ``optax.apply_if_finite`` rejected and steps skipped by
-      ``skip_nonfinite`` do not count.
-    step_size: float32, the weight the last averaging step gave the new
-      parameters, per step (``1 - decay``; with ``update_every=k`` the
-      per-step equivalent of the step taken), 1 before any: what
-      :func:`optax_ema.diagnostics` reports as the decay and the window;
-      NaN after a step whose decay, known only in the step, was outside
-      [0, 1] (that step did not average, but counted). A scalar, a vector
-      (one entry per array leaf, as the debias weight) for
-      per-leaf decays, a tuple of those with several decays.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optax_ema
-    >>> tx = optax_ema.moving_average(optax.sgd(1.0), average_decay=0.5)
-    >>> state = tx.init({"w": jnp.array([2.0])})
-    >>> grads, params = {"w": jnp.array([1.0])}, {"w": jnp.array([2.0])}
-    >>> _, state = tx.update(grads, state, params)
-    >>> average, step_size = state.average["w"][0], state.step_size
-    >>> print(int(state.count), f"{average:.2f} {step_size:.2f}")
-    1 1.50 0.50
-  """
-
-  inner_state: optax.OptState
-  average: optax.Params
-  # `count` shadows tuple.count, as in optax's states; the field name is the
-  # layout of users' checkpoints.
-  count: jax.Array  # type: ignore[assignment]
-  step_size: Any
-
-
-class _Layout:
-  """How :class:`MovingAverageState` holds the engine's averages."""
-
-  state_type = MovingAverageState
-
-  def __init__(self, keys: tuple[Any, ...], labels: tuple[Any, ...], several: bool):
-    self.keys, self.labels, self.several = keys, labels, several
-
-  def pack(self, inner_state: Any, averages: _engine.EngineState) -> MovingAverageState:
-    slots, count, step_sizes = averages
-    trees = [
-      s.tree if s.weight is None else _averages.DebiasedAverage(s.tree, s.weight)
-      for s in slots
-    ]
-    if self.several:
-      average = _averages.Averages(trees, self.keys, self.labels)
-      return MovingAverageState(inner_state, average, count, tuple(step_sizes))
-    return MovingAverageState(inner_state, trees[0], count, step_sizes[0])
-
-  def unpack(self, state: MovingAverageState) -> tuple[Any, _engine.EngineState]:
-    if self.several:
-      trees, sizes = list(state.average.averages), list(state.step_size)
-    else:
-      trees, sizes = [state.average], [state.step_size]
-    slots = [
-      _engine.SlotState(t.average, t.weight)
-      if isinstance(t, _averages.DebiasedAverage)
-      else _engine.SlotState(t)
-      for t in trees
-    ]
-    return state.inner_state, _engine.EngineState(slots, state.count, sizes)
 
 
 def _check_rounding(stochastic_rounding: Any, ema_dtype: Any, decays: Any) -> None:
@@ -157,7 +78,7 @@ def _overwrite_slot(
   overwrite_with: Any,
   update_every: int,
   sequential_update: bool,
-  layout: _Layout,
+  layout: _states.MovingAverageLayout,
 ) -> tuple[int, int]:
   """``(overwrite_every, slot)``: 0 when the params are never overwritten."""
   if overwrite_every is None:
@@ -394,28 +315,30 @@ def moving_average(
   late = not (_validation.is_concrete_scalar(start_step) and start_step == 0)
   clamped = num_updates is not None or bool(dynamic_decay) or late
   _check_debias(bool(debias), decays, clamped)
-  layout = _Layout(keys, tuple(_averages.decay_label(d) for d in decays), several)
+  labels = tuple(_averages.decay_label(d) for d in decays)
+  layout = _states.MovingAverageLayout(keys, labels, several)
   overwrite, slot = _overwrite_slot(
     overwrite_every, overwrite_with, every, bool(sequential_update), layout
   )
-  engine = _engine.Engine(
-    slots=tuple(_engine.Slot(d, bool(debias)) for d in decays),
-    make_rule=functools.partial(
-      _rules.decay_rule,
+  rules = [
+    _rules.decay_rule(
+      d,
       num_updates=num_updates,
       start_step=start_step,
       dynamic_decay=bool(dynamic_decay),
-    ),
-    ema_dtype=ema_dtype,
+    )
+    for d in decays
+  ]
+  if every > 1:
+    rules = [_rules.Every(r, every) for r in rules]
+  engine = _engine.Engine(
+    slots=tuple(_engine.Slot(r, bool(debias)) for r in rules),
+    storage=_storage.Storage(ema_dtype, stochastic_rounding, bool(offload)),
     mask=mask,
     sequential=bool(sequential_update),
-    update_every=every,
-    stochastic=stochastic_rounding,
     skip_nonfinite=bool(skip_nonfinite),
-    interval=every,
     overwrite_every=overwrite,
     overwrite_slot=slot,
-    offload=bool(offload),
   )
   return _transform.averaging_transformation(
     optimizer, engine, layout, "moving_average"

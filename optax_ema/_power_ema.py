@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,71 +13,11 @@ import optax
 from optax_ema import _engine
 from optax_ema import _power_math
 from optax_ema import _rules
+from optax_ema import _states
+from optax_ema import _storage
 from optax_ema import _transform
 from optax_ema import _validation
-
-
-class PowerEmaState(NamedTuple):
-  """State of :func:`power_ema`.
-
-  Attributes:
-    inner_state: the wrapped optimizer's state.
-    averages: a dict from ``repr(sigma_rel)`` (e.g. ``"0.05"``) to that
-      profile's average, a tree with the structure of the parameters (float
-      leaves in float32 for float16/bfloat16 parameters unless ``ema_dtype``
-      says otherwise; non-float leaves hold the latest value; masked-out
-      leaves are ``optax.MaskedNode()``; ``None`` leaves stay ``None``). The
-      keys are static, so the state traces under ``jax.jit`` as usual.
-    count: int32 scalar, the number of updates applied so far (saturating);
-      the averages cover updates ``1 .. count``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optax_ema
-    >>> params = {"w": jnp.zeros(2, jnp.bfloat16)}
-    >>> tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.10, 0.05))
-    >>> state = tx.init(params)
-    >>> print(type(state).__name__, list(state.averages), int(state.count))
-    PowerEmaState ['0.05', '0.1'] 0
-    >>> print(state.averages["0.05"]["w"].dtype)
-    float32
-  """
-
-  inner_state: optax.OptState
-  averages: dict[str, optax.Params]
-  # `count` shadows tuple.count, as in optax's states; the field name is the
-  # layout of users' checkpoints.
-  count: jax.Array  # type: ignore[assignment]
-
-
-def sigma_rel_key(sigma_rel: float) -> str:
-  """The key of a profile in :attr:`PowerEmaState.averages`."""
-  return repr(float(sigma_rel))
-
-
-def tracked_sigma_rels(state: PowerEmaState) -> list[float]:
-  """The sigma_rel values a state tracks, in increasing order."""
-  return sorted(float(k) for k in state.averages)
-
-
-class _Layout:
-  """How :class:`PowerEmaState` holds the engine's averages (by key)."""
-
-  state_type = PowerEmaState
-
-  def __init__(self, keys: tuple[str, ...]) -> None:
-    self.keys = keys
-
-  def pack(self, inner_state: Any, averages: _engine.EngineState) -> PowerEmaState:
-    # A profile's step size follows from the count: it is not stored.
-    trees = {k: s.tree for k, s in zip(self.keys, averages.slots, strict=True)}
-    return PowerEmaState(inner_state, trees, averages.counted)
-
-  def unpack(self, state: PowerEmaState) -> tuple[Any, _engine.EngineState]:
-    slots = [_engine.SlotState(state.averages[k]) for k in self.keys]
-    sizes = [jnp.ones([], jnp.float32) for _ in self.keys]
-    return state.inner_state, _engine.EngineState(slots, state.count, sizes)
+from optax_ema._states import PowerEmaState as PowerEmaState
 
 
 def _warn_if_profiles_freeze(ema_dtype: Any, gamma: float) -> None:
@@ -196,12 +135,9 @@ def power_ema(
     _warn_if_profiles_freeze(ema_dtype, max(gammas))
   _validation.check_bool(offload, "offload")
   engine = _engine.Engine(
-    slots=tuple(_engine.Slot(g) for g in gammas),
-    make_rule=_rules.power_rule,
-    ema_dtype=ema_dtype,
+    slots=tuple(_engine.Slot(_rules.Power(g)) for g in gammas),
+    storage=_storage.Storage(ema_dtype, stochastic_rounding, bool(offload)),
     mask=mask,
-    stochastic=stochastic_rounding,
-    offload=bool(offload),
   )
-  layout = _Layout(tuple(sigma_rel_key(s) for s in sigmas))
+  layout = _states.PowerEmaLayout(sigmas)
   return _transform.averaging_transformation(optimizer, engine, layout, "power_ema")

@@ -11,130 +11,19 @@ from __future__ import annotations
 
 import collections
 import warnings
-from collections.abc import Callable
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from optax_ema import _averages
-from optax_ema import _moving_average
-from optax_ema import _offload
-from optax_ema import _power_ema
-from optax_ema import _power_math
-from optax_ema import _swa
+from optax_ema import _states
 from optax_ema import _tree_utils
 from optax_ema import _variables
 
-
-class View(NamedTuple):
-  """One average of a state, as the readers see it."""
-
-  key: Any
-  value: Any  # what `which=` may name it by: a constant decay, a sigma_rel
-  tree: Any  # the averaged params (debiased), MaskedNode where not averaged
-  step_size: jax.Array  # per-step weight of the last averaging step
-  empty: jax.Array | None = None  # debiased and nothing averaged yet (per leaf)
-
-
-class Reader(NamedTuple):
-  """How to read one state type."""
-
-  views: Callable[[Any], list[View]]
-  noun: str  # what a view's value is: "decay", "sigma_rel"
-  several: Callable[[list[View]], str]  # the error when `which` is missing
-  single_takes_which: bool = False  # whether `which` may pick the only average
-  hint: Callable[[list[View]], str] = lambda views: ""
-
-
-def _on_device(tree: Any) -> Any:
-  """``tree`` with offloaded (host memory) leaves brought to the device."""
-  return jax.tree.map(
-    _offload.to_device_if_host, tree, is_leaf=_tree_utils.is_none_or_masked
-  )
-
-
-def _moving_views(state: _moving_average.MovingAverageState) -> list[View]:
-  average = state.average
-  trees: list[Any]
-  keys: list[Any]
-  values: list[Any]
-  if isinstance(average, _averages.Averages):
-    trees, keys, values = (
-      list(average.averages),
-      list(average.keys),
-      list(average.decays),
-    )
-    sizes = list(state.step_size)
-  else:
-    trees, keys, values, sizes = [average], [0], [None], [state.step_size]
-  out = []
-  for key, value, tree, size in zip(keys, values, trees, sizes, strict=True):
-    empty = None
-    if isinstance(tree, _averages.DebiasedAverage):
-      empty = jnp.asarray(tree.weight) == 0
-      tree = _averages.debiased_value(_on_device(tree.average), tree.weight)
-    else:
-      tree = _on_device(tree)
-    out.append(View(key, value, tree, size, empty))
-  return out
-
-
-def _power_views(state: _power_ema.PowerEmaState) -> list[View]:
-  count = jnp.asarray(state.count)
-  out = []
-  for s in _power_ema.tracked_sigma_rels(state):
-    key = _power_ema.sigma_rel_key(s)
-    gamma = _power_math.sigma_rel_to_gamma(s)
-    w = _power_math.power_weight(jnp.maximum(count - 1, 0), gamma)
-    tree = _on_device(state.averages[key])
-    out.append(View(key, s, tree, jnp.where(count > 0, w, 1.0)))
-  return out
-
-
-def _swa_views(state: _swa.SWAState) -> list[View]:
-  return [View(0, None, _on_device(state.average), state.step_size)]
-
-
-def _tracked(views: list[View]) -> str:
-  return ", ".join(f"{v.value!r}" for v in views)
-
-
-_READERS: dict[type, Reader] = {
-  _moving_average.MovingAverageState: Reader(
-    _moving_views,
-    "decay",
-    lambda views: (
-      f"This state keeps {len(views)} averages (one per decay); pass `which=` "
-      "one of: "
-      + _averages.describe_choices(
-        [v.key for v in views], [v.value for v in views], "decay"
-      )
-      + "."
-    ),
-  ),
-  _power_ema.PowerEmaState: Reader(
-    _power_views,
-    "sigma_rel",
-    lambda views: (
-      f"This power_ema state tracks {len(views)} profiles (sigma_rel "
-      f"{_tracked(views)}): pass `which=` one of them, or its index "
-      f"0..{len(views) - 1}."
-    ),
-    single_takes_which=True,
-    hint=lambda views: (
-      f" This state tracks sigma_rel {_tracked(views)}; for another sigma_rel, "
-      "save snapshots and use optax_ema.posthoc.reconstruct."
-    ),
-  ),
-  _swa.SWAState: Reader(_swa_views, "decay", lambda views: ""),
-}
-
-
-def is_average_state(x: Any) -> bool:
-  return isinstance(x, tuple(_READERS))
+View = _states.View
+is_average_state = _states.is_average_state
 
 
 def find_average_states(opt_state: Any) -> list[tuple[tuple[Any, ...], Any]]:
@@ -147,7 +36,7 @@ def find_average_states(opt_state: Any) -> list[tuple[tuple[Any, ...], Any]]:
 
 def _looks_restored_without_target(tree: Any) -> bool:
   """A state that Orbax restored without a target: dicts with our field names."""
-  fields = ({"inner_state", "count", "average"}, {"inner_state", "count", "averages"})
+  fields = [layout.restored_fields() for layout in _states.LAYOUTS.values()]
   found = False
 
   def visit(x: Any) -> None:
@@ -240,7 +129,7 @@ def find_average_state(opt_state: Any, caller: str = "averaged_params") -> Any:
   """The single averaging state inside ``opt_state``; ValueError otherwise."""
   found = find_average_states(opt_state)
   if not found:
-    names = ", ".join(sorted(t.__name__ for t in _READERS))
+    names = ", ".join(sorted(t.__name__ for t in _states.LAYOUTS))
     if _looks_restored_without_target(opt_state):
       raise ValueError(
         f"`{caller}` found no averaging state ({names}) in `opt_state`, but it "
@@ -267,28 +156,28 @@ def find_average_state(opt_state: Any, caller: str = "averaged_params") -> Any:
   return found[0][1]
 
 
-def views(state: Any) -> tuple[Reader, list[View]]:
-  reader = _READERS[type(state)]
-  return reader, reader.views(state)
+def views(state: Any) -> tuple[type[_states.Layout], list[View]]:
+  layout = _states.layout_of(state)
+  return layout, layout.views(state)
 
 
 def pick(state: Any, which: Any) -> View:
   """The view of ``state`` that ``which`` names (one rule for every state)."""
-  reader, all_views = views(state)
+  layout, all_views = views(state)
   if which is None:
     if len(all_views) == 1:
       return all_views[0]
-    raise ValueError(reader.several(all_views))
-  if len(all_views) == 1 and not reader.single_takes_which:
+    raise ValueError(layout.missing_which(all_views))
+  if len(all_views) == 1 and not layout.single_takes_which:
     raise ValueError(
       f"`which` must be None for a state with a single average, got {which!r}."
     )
   keys = [v.key for v in all_views]
   values = [v.value for v in all_views]
   try:
-    return all_views[_averages.resolve_which(which, keys, values, reader.noun)]
+    return all_views[_averages.resolve_which(which, keys, values, layout.noun)]
   except ValueError as err:
-    raise ValueError(f"{err}{reader.hint(all_views)}") from None
+    raise ValueError(f"{err}{layout.hint(all_views)}") from None
 
 
 def averaged_params(

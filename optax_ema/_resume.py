@@ -8,7 +8,17 @@ import jax
 import optax
 
 from optax_ema import _reading
+from optax_ema import _states
 from optax_ema import _tree_utils
+
+
+def _inner(state: Any) -> Any:
+  return _states.layout_of(state).inner(state)
+
+
+def _with_inner(state: Any, inner: Any) -> Any:
+  layout = _states.layout_of(state)
+  return layout.replace(state, inner, layout.stored(state), layout.count(state))
 
 
 def _same_structure(a: Any, b: Any) -> bool:
@@ -112,7 +122,7 @@ def resume_with_average(
 
   # The old optimizer's state: tx's state without the moving-average wrapper.
   stripped = jax.tree.map(
-    lambda x: x.inner_state if _reading.is_average_state(x) else x,
+    lambda x: _inner(x) if _reading.is_average_state(x) else x,
     fresh,
     is_leaf=_reading.is_average_state,
   )
@@ -121,18 +131,16 @@ def resume_with_average(
     # MovingAverageState nodes are leaves here: the restored tree matches up
     # to them, and holds the wrapped optimizer's state at their place.
     return jax.tree.map(
-      lambda x, r: x._replace(inner_state=r) if _reading.is_average_state(x) else r,
+      lambda x, r: _with_inner(x, r) if _reading.is_average_state(x) else r,
       fresh,
       inner_state,
       is_leaf=_reading.is_average_state,
     )
-  expected_inner = found[0].inner_state
+  expected_inner = _inner(found[0])
   if _same_structure(expected_inner, inner_state):
     _check_leaves(expected_inner, inner_state)
     return jax.tree.map(
-      lambda x: (
-        x._replace(inner_state=inner_state) if _reading.is_average_state(x) else x
-      ),
+      lambda x: _with_inner(x, inner_state) if _reading.is_average_state(x) else x,
       fresh,
       is_leaf=_reading.is_average_state,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,59 +10,12 @@ import optax
 
 from optax_ema import _engine
 from optax_ema import _rules
+from optax_ema import _states
+from optax_ema import _storage
 from optax_ema import _transform
 from optax_ema import _tree_utils
 from optax_ema import _validation
-
-
-class SWAState(NamedTuple):
-  """State of :func:`swa`.
-
-  Attributes:
-    inner_state: the wrapped optimizer's state.
-    average: the running average of the snapshots, a tree with the structure
-      of the parameters (float32 for float16/bfloat16 parameters, the
-      parameters' dtype for other floats). Until the first snapshot it follows
-      the parameters, so that :func:`optax_ema.averaged_params` returns the
-      current parameters. Non-float leaves hold the latest parameter value;
-      ``None`` leaves stay ``None``.
-    count: int32 scalar, the number of updates applied so far (saturating).
-    step_size: float32 scalar, the weight of the last snapshot in the mean,
-      as a per-step weight over the period (1 before the first snapshot):
-      what :func:`optax_ema.diagnostics` reports as the decay and window.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import optax_ema
-    >>> tx = optax_ema.swa(
-    ...   optax.sgd(1.0), start_averaging=2, average_period=5
-    ... )
-    >>> state = tx.init({"w": jnp.ones(2)})
-    >>> print(type(state).__name__, int(state.count), state.average["w"])
-    SWAState 0 [1. 1.]
-  """
-
-  inner_state: optax.OptState
-  average: optax.Params
-  # `count` shadows tuple.count, as in optax's states; the field name is the
-  # layout of users' checkpoints.
-  count: jax.Array  # type: ignore[assignment]
-  step_size: jax.Array
-
-
-class _Layout:
-  """How :class:`SWAState` holds the engine's one average."""
-
-  state_type = SWAState
-
-  def pack(self, inner_state: Any, averages: _engine.EngineState) -> SWAState:
-    slots, count, step_sizes = averages
-    return SWAState(inner_state, slots[0].tree, count, step_sizes[0])
-
-  def unpack(self, state: SWAState) -> tuple[Any, _engine.EngineState]:
-    slots = [_engine.SlotState(state.average)]
-    return state.inner_state, _engine.EngineState(slots, state.count, [state.step_size])
+from optax_ema._states import SWAState as SWAState
 
 
 def swa_average_op(
@@ -74,9 +26,9 @@ def swa_average_op(
   average_period: int,
 ) -> Any:
   """The SWA average after an update at step ``count`` (leaf or pytree)."""
-  rule, moves = _rules.swa_rule(start_averaging, average_period)
+  rule = _rules.RunningMean(start_averaging, average_period)
   count = jnp.asarray(count, jnp.int32)
-  step, move = rule(count), moves(count)
+  step, move = rule.step(count), rule.gate(count)
   _tree_utils.check_like(average_var, var, "var", "`average_var`")
 
   def leaf(a: Any, v: Any) -> Any:
@@ -167,12 +119,9 @@ def swa(
   _validation.check_int(start_averaging, "start_averaging", 0)
   _validation.check_int(average_period, "average_period", 1)
   _validation.check_bool(offload, "offload")
-  rule, moves = _rules.swa_rule(start_averaging, average_period)
   engine = _engine.Engine(
-    slots=(_engine.Slot(None),),
-    make_rule=lambda _: rule,
-    moves=moves,
-    interval=average_period,
-    offload=bool(offload),
+    slots=(_engine.Slot(_rules.RunningMean(start_averaging, average_period)),),
+    storage=_storage.Storage(offload=bool(offload)),
   )
-  return _transform.averaging_transformation(optimizer, engine, _Layout(), "swa")
+  layout = _states.SWALayout()
+  return _transform.averaging_transformation(optimizer, engine, layout, "swa")

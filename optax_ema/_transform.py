@@ -1,9 +1,10 @@
 """The optax transformation around the engine, shared by every averaging wrapper.
 
 :func:`averaging_transformation` turns an :class:`~optax_ema._engine.Engine`
-and a :class:`Layout` (how the averages sit in the transform's own state
-type) into an ``optax.GradientTransformationExtraArgs`` that wraps an inner
-optimizer: ``init`` builds the inner state and the averages, ``update`` runs
+and a :class:`~optax_ema._states.Layout` (how the averages sit in the
+transform's own state type) into an
+``optax.GradientTransformationExtraArgs`` that wraps an inner optimizer:
+``init`` builds the inner state and the averages, ``update`` runs
 the inner optimizer, returns its updates (or the overwrite's) and lets the
 engine average.
 """
@@ -11,24 +12,13 @@ engine average.
 from __future__ import annotations
 
 from typing import Any
-from typing import Protocol
 
 import optax
 
 from optax_ema import _engine
 from optax_ema import _inner_state
+from optax_ema import _states
 from optax_ema import _tree_utils
-
-
-class Layout(Protocol):
-  """How one transform stores its averages, count and step sizes."""
-
-  @property
-  def state_type(self) -> type: ...
-
-  def pack(self, inner_state: Any, averages: _engine.EngineState) -> Any: ...
-
-  def unpack(self, state: Any) -> tuple[Any, _engine.EngineState]: ...
 
 
 def check_transformation(optimizer: Any) -> None:
@@ -43,7 +33,7 @@ def check_transformation(optimizer: Any) -> None:
     )
 
 
-def _check_state(state: Any, layout: Layout, caller: str) -> None:
+def _check_state(state: Any, layout: _states.Layout, caller: str) -> None:
   if isinstance(state, layout.state_type):
     return
   name = layout.state_type.__name__
@@ -68,7 +58,7 @@ def _check_state(state: Any, layout: Layout, caller: str) -> None:
 def averaging_transformation(
   optimizer: optax.GradientTransformation,
   engine: _engine.Engine,
-  layout: Layout,
+  layout: _states.Layout,
   caller: str,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``optimizer`` so that ``engine`` averages its params."""

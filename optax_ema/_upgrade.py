@@ -12,12 +12,17 @@ import numpy as np
 import optax
 
 from optax_ema import _reading
+from optax_ema import _states
 from optax_ema import _tree_utils
 from optax_ema.posthoc import _orbax
 
 # Fields this version added to the states, with what an older state means
-# for them: the step size of the last averaging step was not recorded.
-_ADDED_FIELDS = {"step_size": np.nan}
+# for them (their layouts say).
+_ADDED_FIELDS = {
+  name: value
+  for layout in _states.LAYOUTS.values()
+  for name, value in layout.added.items()
+}
 
 _MISSING = object()
 

@@ -26,8 +26,8 @@ def _power_w64(count, gamma):
 @pytest.mark.parametrize("count", [10, 10**4, 10**7])
 def test_a_power_schedule_gives_w_to_float32_precision_at_any_count(count):
   gamma = optax_ema.posthoc.sigma_rel_to_gamma(0.1)
-  rule = _rules.decay_rule(schedules.power(sigma_rel=0.1))
-  step = rule(jnp.asarray(count, jnp.int32))
+  rule = _rules.Decay(schedules.power(sigma_rel=0.1))
+  step = rule.step(jnp.asarray(count, jnp.int32))
   want = _power_w64(count, gamma)
   assert abs(float(step.weight()) / want - 1) < 2e-6
   # 1 - decay in float32 is what a decay-valued schedule would give: at 1e7
@@ -59,8 +59,8 @@ def test_moving_average_with_a_power_schedule_steps_like_power_ema_at_1e7():
 
 @pytest.mark.parametrize(("decay", "k"), [(0.9999, 10), (0.99999, 100), (0.5, 3)])
 def test_update_every_product_keeps_the_precision_of_w(decay, k):
-  rule = _rules.decay_rule(decay)
-  step = _rules.interval_step(rule, jnp.asarray(k - 1, jnp.int32), k)
+  rule = _rules.Every(_rules.Decay(decay), k)
+  step = rule.step(jnp.asarray(k - 1, jnp.int32))
   d32 = float(np.float32(decay))
   want = -np.expm1(k * np.log1p(-(1 - d32)))  # 1 - d32 ** k, in float64
   assert abs(float(step.weight()) / want - 1) < 2e-6
@@ -80,7 +80,7 @@ def test_update_every_product_keeps_the_precision_of_w(decay, k):
 )
 def test_tfa_rule_is_tfas_float32_arithmetic_bit_for_bit(kwargs):
   f32 = np.float32
-  rule = _rules.decay_rule(0.99, **kwargs)
+  rule = _rules.Decay(0.99, **kwargs)
   for t in range(12):
     decay = f32(0.99)
     if "num_updates" in kwargs:
@@ -92,7 +92,7 @@ def test_tfa_rule_is_tfas_float32_arithmetic_bit_for_bit(kwargs):
       decay = min(decay, (f32(1) + since) / (f32(10) + since))
     if t < start:
       decay = f32(0)
-    step = rule(jnp.asarray(t, jnp.int32))
+    step = rule.step(jnp.asarray(t, jnp.int32))
     assert np.float32(step.decay) == decay, t
     assert step.exact is None  # w = 1 - decay in the average's own dtype
     assert np.float32(step.weight()) == f32(1) - decay
@@ -101,19 +101,19 @@ def test_tfa_rule_is_tfas_float32_arithmetic_bit_for_bit(kwargs):
 def test_w_is_formed_in_the_average_dtype_for_float64():
   # TFA casts the float32 decay to the variable's dtype before 1 - decay.
   with jax.enable_x64(True):
-    step = _rules.decay_rule(0.1)(jnp.asarray(0, jnp.int32))
+    step = _rules.Decay(0.1).step(jnp.asarray(0, jnp.int32))
     w = step.weight(jnp.float64)
   assert float(w) == 1.0 - float(np.float32(0.1))
   assert float(w) != float(np.float32(1.0 - np.float32(0.1)))
 
 
 def test_swa_rule_is_an_exact_running_mean_in_float64():
-  rule, moves = _rules.swa_rule(2, 3)
+  rule = _rules.RunningMean(2, 3)
   with jax.enable_x64(True):
     for count, mean_of in [(0, 1), (1, 1), (2, 1), (5, 2), (8, 3), (11, 4)]:
-      step = rule(jnp.asarray(count, jnp.int32))
+      step = rule.step(jnp.asarray(count, jnp.int32))
       assert float(step.weight(jnp.float64)) == 1.0 / mean_of, count
-  assert [bool(moves(jnp.asarray(c))) for c in range(9)] == [
+  assert [bool(rule.gate(jnp.asarray(c))) for c in range(9)] == [
     True, True, True, False, False, True, False, False, True
   ]  # fmt: skip
 

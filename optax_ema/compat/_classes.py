@@ -123,7 +123,7 @@ class MovingAverage(_AveragedOptimizer):
       start_step=a["start_step"],
       dynamic_decay=bool(a["dynamic_decay"]),
     )
-    decay = rule(jnp.asarray(self.iterations, jnp.int32)).decay
+    decay = rule.step(jnp.asarray(self.iterations, jnp.int32)).decay
     return _average_op.average_op(var, average_var, decay)
 
 

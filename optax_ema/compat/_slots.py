@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ema import _states
 from optax_ema import _tree_utils
 from optax_ema.compat import _stateful
 from optax_ema.compat import _weights
@@ -71,7 +72,7 @@ class Slots(_stateful.Stateful):
       return {}
     reference = [
       (p, jnp.shape(x))
-      for p, x in _tree_utils.leaves_with_paths(self._state.average)
+      for p, x in _tree_utils.leaves_with_paths(self._stored())
       if x is not None
     ]
     found: dict[str, Any] = {}
@@ -84,9 +85,7 @@ class Slots(_stateful.Stateful):
       ]
       return leaves == reference and _tree_utils.structure(
         tree, is_leaf=_tree_utils.is_none_or_masked
-      ) == _tree_utils.structure(
-        self._state.average, is_leaf=_tree_utils.is_none_or_masked
-      )
+      ) == _tree_utils.structure(self._stored(), is_leaf=_tree_utils.is_none_or_masked)
 
     def walk(tree: Any) -> None:
       if isinstance(tree, tuple) and hasattr(tree, "_fields"):
@@ -103,7 +102,7 @@ class Slots(_stateful.Stateful):
         for value in tree.values():
           walk(value)
 
-    walk(self._state.inner_state)
+    walk(_states.layout_of(self._state).inner(self._state))
     return found
 
   def get_slot_names(self) -> list[str]:
@@ -136,7 +135,7 @@ class Slots(_stateful.Stateful):
     if (path, slot_name) in self._slots:
       return self._slots[(path, slot_name)]
     if slot_name == "average":
-      tree = self._state.average
+      tree = self._stored()
     else:
       inner = self._inner_slots()
       field = slot_name if slot_name in inner else _KERAS_SLOT_NAMES.get(slot_name)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_ema import _reading
+from optax_ema import _states
 from optax_ema import _tree_utils
 from optax_ema.compat import _keras
 from optax_ema.compat import _optimizers
@@ -93,6 +94,10 @@ class Stateful:
     updates, state = self.tx.update(grads, state, params)
     return optax.apply_updates(params, updates), updates, state
 
+  def _stored(self) -> Any:
+    """The averages as the state stores them."""
+    return _states.layout_of(self._state).stored(self._state)
+
   def _require_built(self, what: str) -> None:
     if self._state is None:
       raise ValueError(
@@ -114,7 +119,7 @@ class Stateful:
     """
     if self._state is not None:
       _tree_utils.check_like(
-        self._state.average, var_list, "var_list", "the parameters it was built for"
+        self._stored(), var_list, "var_list", "the parameters it was built for"
       )
       return
     self._state = self.tx.init(var_list)
@@ -133,7 +138,9 @@ class Stateful:
   @property
   def iterations(self) -> int:
     """The number of steps applied so far."""
-    return 0 if self._state is None else int(self._state.count)
+    if self._state is None:
+      return 0
+    return int(_states.layout_of(self._state).count(self._state))
 
   # -- learning rate ---------------------------------------------------------
 
@@ -341,8 +348,10 @@ class Stateful:
       return jnp.asarray(p).astype(jnp.asarray(a).dtype)
 
     average = jax.tree.map(
-      keep, self._state.average, params, is_leaf=_tree_utils.is_none_or_masked
+      keep, self._stored(), params, is_leaf=_tree_utils.is_none_or_masked
     )
-    self._state = self._state._replace(average=average)
+    layout = _states.layout_of(self._state)
+    inner, count = layout.inner(self._state), layout.count(self._state)
+    self._state = layout.replace(self._state, inner, average, count)
     self._params = averaged
     return averaged

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_ema import _states
 from optax_ema import _tree_utils
 from optax_ema.compat import _stateful
 
@@ -35,6 +36,12 @@ def initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.A
   return value
 
 
+def _parts(state: Any) -> tuple[Any, Any, Any]:
+  """Keras's order of a state's arrays: the count, the averages, the inner state."""
+  layout = _states.layout_of(state)
+  return layout.count(state), layout.stored(state), layout.inner(state)
+
+
 class Weights(_stateful.Stateful):
   """``weights``, ``get_weights``/``set_weights`` and ``add_weight``."""
 
@@ -55,7 +62,7 @@ class Weights(_stateful.Stateful):
       return []
     state = self._state
     return [
-      *jax.tree.leaves((state.count, state.average, state.inner_state)),
+      *jax.tree.leaves(_parts(state)),
       *self._extra_weights.values(),
       *self._slots.values(),
     ]
@@ -98,9 +105,10 @@ class Weights(_stateful.Stateful):
         )
       new.append(value)
     state = self._state
-    treedef = _tree_utils.structure((state.count, state.average, state.inner_state))
+    treedef = _tree_utils.structure(_parts(state))
     count, average, inner_state = jax.tree.unflatten(treedef, new[: treedef.num_leaves])
-    self._state = state._replace(inner_state=inner_state, average=average, count=count)
+    layout = _states.layout_of(state)
+    self._state = layout.replace(state, inner_state, average, count)
     rest = iter(new[treedef.num_leaves :])
     self._extra_weights = {k: next(rest) for k in self._extra_weights}
     self._slots = {k: next(rest) for k in self._slots}

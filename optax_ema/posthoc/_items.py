@@ -118,11 +118,10 @@ def storage_tree(
   """
   storage = check_storage_dtype(dtype)
   state = _state.find_power_state(opt_state, caller)
-  keys = sorted(state.averages, key=float)
+  averages = _state.PowerEmaLayout.stored(state)
+  keys = sorted(averages, key=float)
   flat = [
-    jax.tree_util.tree_flatten_with_path(
-      state.averages[k], is_leaf=_state.is_none_or_masked
-    )
+    jax.tree_util.tree_flatten_with_path(averages[k], is_leaf=_state.is_none_or_masked)
     for k in keys
   ]
   treedef = flat[0][1]
@@ -138,7 +137,7 @@ def storage_tree(
   tree = {
     k: jax.tree_util.tree_unflatten(treedef, values[j]) for j, k in enumerate(keys)
   }
-  step = int(_first_value(state.count))
+  step = int(_first_value(_state.PowerEmaLayout.count(state)))
   sigma_rels = [float(k) for k in keys]
   meta = {
     "format": _snapshots.FORMAT,

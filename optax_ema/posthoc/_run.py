@@ -89,7 +89,7 @@ def resume_count(resume_from: Any, caller: str) -> int | None:
     count = int(np.asarray(jax.device_get(_first(resume_from))))
   else:
     state = _state.find_power_state(resume_from, caller)
-    count = int(np.asarray(jax.device_get(_first(state.count))))
+    count = int(np.asarray(jax.device_get(_first(_state.PowerEmaLayout.count(state)))))
   if count < 0:
     raise ValueError(f"`resume_from` must be a count >= 0, got {count}.")
   return count

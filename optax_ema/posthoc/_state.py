@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from optax_ema._power_ema import PowerEmaState
 from optax_ema._reading import find_average_state
 from optax_ema._reading import find_average_states
+from optax_ema._states import PowerEmaLayout
+from optax_ema._states import PowerEmaState
 from optax_ema._tree_utils import is_key
 from optax_ema._tree_utils import is_none
 from optax_ema._tree_utils import is_none_or_masked
 from optax_ema._tree_utils import keystr
 
 __all__ = [
+  "PowerEmaLayout",
   "PowerEmaState",
   "find_power_state",
   "is_key",
