@@ -25,7 +25,6 @@ import jax.numpy as jnp
 
 from optax_ema import _power_math
 from optax_ema import _tree_utils
-from optax_ema import _validation
 
 
 class StepSize(NamedTuple):
@@ -189,7 +188,7 @@ def _given_decays(spec: Any, count: jax.Array, k: int) -> jax.Array | None:
       return jnp.asarray(spec(count), jnp.float32)
     counts = count - (k - 1) + jnp.arange(k, dtype=count.dtype)
     return jnp.asarray(jax.vmap(spec)(counts), jnp.float32)
-  if _validation.is_traced(spec):
+  if _tree_utils.is_traced(spec):
     return jnp.asarray(spec, jnp.float32)
   return None
 
@@ -253,15 +252,3 @@ def leaf_rules(decay: Any, tree: Any, make: Callable[[Any], Rule]) -> list[Rule]
   specs = jax.tree.leaves(full, is_leaf=callable)
   made: dict[int, Rule] = {}
   return [made.setdefault(id(s), make(s)) for s in specs]
-
-
-def check_decay_spec(decay: Any, name: str) -> None:
-  """Validates one average's decay: a number, a schedule or a per-leaf tree."""
-  if isinstance(decay, PerLeafDecay):
-    leaves, _ = jax.tree_util.tree_flatten_with_path(decay.prefix, is_leaf=callable)
-    if not leaves:
-      raise ValueError(f"`{name}` per_leaf tree holds no decay: {decay!r}.")
-    for path, leaf in leaves:
-      _validation.check_decay(leaf, f"{name}{jax.tree_util.keystr(path)}")
-    return
-  _validation.check_decay(decay, name)

@@ -166,7 +166,7 @@ def swa(
   """
   _validation.check_int(start_averaging, "start_averaging", 0)
   _validation.check_int(average_period, "average_period", 1)
-  _validation.check_bool(offload, "offload")
+  offload = _validation.check_storage(None, None, offload).offload
   rule, moves = _rules.swa_rule(start_averaging, average_period)
   engine = _engine.Engine(
     slots=(_engine.Slot(None),),
