@@ -159,10 +159,7 @@ def moving_average(
   arguments below and :mod:`optax_ema.schedules` for decay schedules.
 
   Args:
-    optimizer: the optax transformation to wrap, or the name of an optax
-      optimizer (``"sgd"``, ``"adam"``, ...), built with
-      ``optax.inject_hyperparams`` so that its learning rate lives in the
-      state (Keras's default learning rate when none is given).
+    optimizer: the optax transformation to wrap.
     average_decay: a float in [0, 1] or a schedule ``count -> decay`` (e.g.
       from :mod:`optax_ema.schedules`); or
       :func:`optax_ema.schedules.per_leaf` of a pytree prefix of those (one
@@ -301,6 +298,11 @@ def moving_average(
   )
   overwrite, slot = _validation.check_overwrite(
     overwrite_every, overwrite_with, every, bool(sequential_update), checked
+  )
+  optimizer = _validation.checked_optimizer(
+    optimizer,
+    "moving_average",
+    "optax_ema.moving_average(optax.adam(1e-3), average_decay=0.999)",
   )
   layout = _Layout(keys, tuple(_averages.decay_label(d) for d in decays), several)
   engine = _engine.Engine(

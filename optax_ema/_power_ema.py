@@ -113,8 +113,7 @@ def power_ema(
   snapshots for post-hoc reconstruction with :mod:`optax_ema.posthoc`.
 
   Args:
-    optimizer: the optax transformation to wrap, or the name of an optax
-      optimizer, as for :func:`optax_ema.moving_average`.
+    optimizer: the optax transformation to wrap.
     sigma_rels: the profile widths to track, each in ``(0, 0.30028]``
       (EDM2 tracks 0.05 and 0.10). Stored in increasing order.
     ema_dtype: accumulator dtype for floating point leaves. ``None`` keeps
@@ -164,6 +163,9 @@ def power_ema(
   _validation.check_mask(mask)
   ema_dtype, stochastic_rounding, offload = _validation.check_storage(
     ema_dtype, stochastic_rounding, offload, gammas=gammas
+  )
+  optimizer = _validation.checked_optimizer(
+    optimizer, "power_ema", "optax_ema.power_ema(optax.adam(1e-3))"
   )
   engine = _engine.Engine(
     slots=tuple(_engine.Slot(g) for g in gammas),

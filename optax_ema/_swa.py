@@ -121,9 +121,7 @@ def swa(
   applies. Read the average with :func:`optax_ema.averaged_params`.
 
   Args:
-    optimizer: the optax transformation to wrap, or the name of an optax
-      optimizer (``"sgd"``, ``"adam"``, ...; see
-      :func:`optax_ema.moving_average`).
+    optimizer: the optax transformation to wrap.
     start_averaging: the number of updates before the first snapshot.
     average_period: take a snapshot every this many updates (>= 1).
       Both may be int32 scalars traced by ``optax.inject_hyperparams``.
@@ -167,6 +165,9 @@ def swa(
   _validation.check_int(start_averaging, "start_averaging", 0)
   _validation.check_int(average_period, "average_period", 1)
   offload = _validation.check_storage(None, None, offload).offload
+  optimizer = _validation.checked_optimizer(
+    optimizer, "swa", "optax_ema.swa(optax.adam(1e-3))"
+  )
   rule, moves = _rules.swa_rule(start_averaging, average_period)
   engine = _engine.Engine(
     slots=(_engine.Slot(None),),

@@ -16,7 +16,6 @@ from typing import Protocol
 import optax
 
 from optax_ema import _engine
-from optax_ema import _inner_state
 from optax_ema import _tree_utils
 
 
@@ -29,18 +28,6 @@ class Layout(Protocol):
   def pack(self, inner_state: Any, averages: _engine.EngineState) -> Any: ...
 
   def unpack(self, state: Any) -> tuple[Any, _engine.EngineState]: ...
-
-
-def check_transformation(optimizer: Any) -> None:
-  if not (
-    callable(getattr(optimizer, "init", None))
-    and callable(getattr(optimizer, "update", None))
-  ):
-    raise TypeError(
-      "`optimizer` must be an optax.GradientTransformation (an object with "
-      "`init` and `update`) or the name of an optax optimizer such as "
-      f"'adam', got {type(optimizer).__name__}: {optimizer!r}."
-    )
 
 
 def _check_state(state: Any, layout: Layout, caller: str) -> None:
@@ -71,14 +58,15 @@ def averaging_transformation(
   layout: Layout,
   caller: str,
 ) -> optax.GradientTransformationExtraArgs:
-  """Wraps ``optimizer`` so that ``engine`` averages its params."""
-  check_transformation(optimizer)
+  """Wraps ``optimizer`` so that ``engine`` averages its params.
+
+  ``optimizer`` comes checked by the factory
+  (:func:`optax_ema._validation.checked_optimizer`).
+  """
   inner = optax.with_extra_args_support(optimizer)
 
   def init_fn(params: optax.Params) -> Any:
     inner_state = inner.init(params)
-    _inner_state.check_not_an_update_average(inner_state, caller)
-    _inner_state.check_no_partial_multisteps(inner_state, caller)
     return layout.pack(inner_state, engine.init(params))
 
   def update_fn(

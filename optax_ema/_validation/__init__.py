@@ -32,15 +32,17 @@ up; these modules read the value types of the layers below
   (:func:`check_storage`), and the warnings of round-to-nearest storage.
 - :mod:`._options`: ``mask``, ``update_every``, ``overwrite_every``.
 - :mod:`._profiles`: power-profile widths, of power_ema and of posthoc.
+- :mod:`._optimizer`: the optimizer a transform wraps.
 - :mod:`._functions`: ``average_op``, ``diagnostics``, ``state_shardings``
   and the Flax helpers.
 
 The factories call, in order: :func:`~optax_ema.moving_average`
 :func:`check_average_decay`, :func:`check_bool`, :func:`check_int`,
 :func:`check_mask`, :func:`check_update_every`, :func:`check_storage`,
-:func:`check_debias`, :func:`check_overwrite`; :func:`~optax_ema.power_ema`
-:func:`check_sigma_rels`, :func:`check_mask`, :func:`check_storage`;
-:func:`~optax_ema.swa` :func:`check_int`, :func:`check_storage`.
+:func:`check_debias`, :func:`check_overwrite`, :func:`checked_optimizer`;
+:func:`~optax_ema.power_ema` :func:`check_sigma_rels`, :func:`check_mask`,
+:func:`check_storage`, :func:`checked_optimizer`; :func:`~optax_ema.swa`
+:func:`check_int`, :func:`check_storage`, :func:`checked_optimizer`.
 """
 
 from optax_ema._validation._decays import SAMPLED_COUNTS
@@ -67,6 +69,8 @@ from optax_ema._validation._numbers import check_real
 from optax_ema._validation._numbers import check_str
 from optax_ema._validation._numbers import check_unit
 from optax_ema._validation._numbers import static_int
+from optax_ema._validation._optimizer import check_transformation
+from optax_ema._validation._optimizer import checked_optimizer
 from optax_ema._validation._options import check_mask
 from optax_ema._validation._options import check_overwrite
 from optax_ema._validation._options import check_update_every
@@ -110,8 +114,10 @@ __all__ = [
   "check_str",
   "check_sweep_widths",
   "check_train_state",
+  "check_transformation",
   "check_unit",
   "check_update_every",
+  "checked_optimizer",
   "nearest_rounding_freezes",
   "sample_schedule",
   "static_int",

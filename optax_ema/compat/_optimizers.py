@@ -22,8 +22,12 @@ import jax
 import numpy as np
 import optax
 
-from optax_ema import _transform
+from optax_ema import _validation
 from optax_ema.compat import _keras
+
+# What the edge takes as `optimizer` besides a transformation, in the words of
+# the core's message (`_validation.check_transformation`).
+BY_NAME = " or the name of an optax optimizer such as 'adam'"
 
 
 @functools.cache
@@ -127,7 +131,7 @@ def build_optimizer(
       _keras.warn_learning_rate_decay(decay, stacklevel)
   else:
     _check_built_optimizer_kwargs(kwargs, decay, lr_name, caller)
-    _transform.check_transformation(optimizer)
+    _validation.check_transformation(optimizer, also=BY_NAME)
     tx, optimizer_config = optimizer, optimizer
   tx = _keras.with_clips(tx, clips)
   config: dict[str, Any] = {"optimizer": optimizer_config}
