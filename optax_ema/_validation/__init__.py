@@ -35,6 +35,7 @@ up; these modules read the value types of the layers below
 - :mod:`._optimizer`: the optimizer a transform wraps.
 - :mod:`._functions`: ``average_op``, ``diagnostics``, ``state_shardings``
   and the Flax helpers.
+- :mod:`._compat`: the Keras and TFA edge.
 
 The factories call, in order: :func:`~optax_ema.moving_average`
 :func:`check_average_decay`, :func:`check_bool`, :func:`check_int`,
@@ -45,6 +46,19 @@ The factories call, in order: :func:`~optax_ema.moving_average`
 :func:`check_int`, :func:`check_storage`, :func:`checked_optimizer`.
 """
 
+from optax_ema._validation._compat import check_assigned_learning_rate
+from optax_ema._validation._compat import check_built_optimizer_kwargs
+from optax_ema._validation._compat import check_clips
+from optax_ema._validation._compat import check_config
+from optax_ema._validation._compat import check_config_clash
+from optax_ema._validation._compat import check_initializer
+from optax_ema._validation._compat import check_keras_decay
+from optax_ema._validation._compat import check_learning_rate
+from optax_ema._validation._compat import check_loss
+from optax_ema._validation._compat import check_lr_alias
+from optax_ema._validation._compat import check_not_trainable
+from optax_ema._validation._compat import split_grads_and_vars
+from optax_ema._validation._compat import warn_learning_rate_decay
 from optax_ema._validation._decays import SAMPLED_COUNTS
 from optax_ema._validation._decays import AverageDecays
 from optax_ema._validation._decays import DecayLeaf
@@ -89,8 +103,13 @@ __all__ = [
   "SAMPLED_COUNTS",
   "AverageDecays",
   "DecayLeaf",
+  "check_assigned_learning_rate",
   "check_average_decay",
   "check_bool",
+  "check_built_optimizer_kwargs",
+  "check_clips",
+  "check_config",
+  "check_config_clash",
   "check_debias",
   "check_decay",
   "check_decay_bounds",
@@ -99,9 +118,15 @@ __all__ = [
   "check_float_average",
   "check_float_dtype",
   "check_half_life_decay",
+  "check_initializer",
   "check_int",
+  "check_keras_decay",
+  "check_learning_rate",
+  "check_loss",
+  "check_lr_alias",
   "check_mask",
   "check_nnx_optimizer",
+  "check_not_trainable",
   "check_overwrite",
   "check_positive",
   "check_power_profile",
@@ -120,7 +145,9 @@ __all__ = [
   "checked_optimizer",
   "nearest_rounding_freezes",
   "sample_schedule",
+  "split_grads_and_vars",
   "static_int",
   "warn_if_profiles_freeze",
   "warn_if_unresolvable",
+  "warn_learning_rate_decay",
 ]
