@@ -36,6 +36,7 @@ up; these modules read the value types of the layers below
 - :mod:`._functions`: ``average_op``, ``diagnostics``, ``state_shardings``
   and the Flax helpers.
 - :mod:`._compat`: the Keras and TFA edge.
+- :mod:`._posthoc`: :mod:`optax_ema.posthoc`.
 
 The factories call, in order: :func:`~optax_ema.moving_average`
 :func:`check_average_decay`, :func:`check_bool`, :func:`check_int`,
@@ -88,6 +89,15 @@ from optax_ema._validation._optimizer import checked_optimizer
 from optax_ema._validation._options import check_mask
 from optax_ema._validation._options import check_overwrite
 from optax_ema._validation._options import check_update_every
+from optax_ema._validation._posthoc import check_directory
+from optax_ema._validation._posthoc import check_evaluate
+from optax_ema._validation._posthoc import check_every
+from optax_ema._validation._posthoc import check_resume_from
+from optax_ema._validation._posthoc import check_rows
+from optax_ema._validation._posthoc import check_snapshot_dtype
+from optax_ema._validation._posthoc import check_snapshot_run
+from optax_ema._validation._posthoc import check_step
+from optax_ema._validation._posthoc import check_sweep_key
 from optax_ema._validation._profiles import check_sigma_rel
 from optax_ema._validation._profiles import check_sigma_rels
 from optax_ema._validation._profiles import check_sweep_widths
@@ -114,7 +124,10 @@ __all__ = [
   "check_decay",
   "check_decay_bounds",
   "check_diagnostics_args",
+  "check_directory",
   "check_ema_dtype",
+  "check_evaluate",
+  "check_every",
   "check_float_average",
   "check_float_dtype",
   "check_half_life_decay",
@@ -131,12 +144,18 @@ __all__ = [
   "check_positive",
   "check_power_profile",
   "check_real",
+  "check_resume_from",
+  "check_rows",
   "check_schedule",
   "check_sigma_rel",
   "check_sigma_rels",
+  "check_snapshot_dtype",
+  "check_snapshot_run",
   "check_state_shardings_args",
+  "check_step",
   "check_storage",
   "check_str",
+  "check_sweep_key",
   "check_sweep_widths",
   "check_train_state",
   "check_transformation",
