@@ -8,13 +8,15 @@ from typing import Any
 import jax
 import optax
 
-from optax_ema import _averages
 from optax_ema import _engine
 from optax_ema import _rules
 from optax_ema import _states
 from optax_ema import _transform
 from optax_ema import _validation
 from optax_ema._states import MovingAverageState as MovingAverageState
+
+# What the refusal of optax.ema as the optimizer to wrap suggests instead.
+_EXAMPLE = "optax_ema.moving_average(optax.adam(1e-3), average_decay=0.999)"
 
 DecayLike = float | jax.typing.ArrayLike | Callable[[jax.Array], jax.typing.ArrayLike]
 
@@ -207,11 +209,7 @@ def moving_average(
   _validation.check_mask(mask)
   every = _validation.check_update_every(update_every)
   storage = _validation.check_storage(
-    ema_dtype,
-    stochastic_rounding,
-    offload,
-    decays=checked.leaves,
-    strict_rounding=True,
+    ema_dtype, stochastic_rounding, offload, decays=checked.leaves, strict_rounding=True
   )
   _validation.check_debias(
     bool(debias), checked, num_updates, bool(dynamic_decay), start_step
@@ -219,22 +217,12 @@ def moving_average(
   overwrite, slot = _validation.check_overwrite(
     overwrite_every, overwrite_with, every, bool(sequential_update), checked
   )
-  optimizer = _validation.checked_optimizer(
-    optimizer,
-    "moving_average",
-    "optax_ema.moving_average(optax.adam(1e-3), average_decay=0.999)",
+  optimizer = _validation.checked_optimizer(optimizer, "moving_average", _EXAMPLE)
+  layout = _states.MovingAverageLayout(keys, decays, several)
+  clamps = dict(
+    num_updates=num_updates, start_step=start_step, dynamic_decay=bool(dynamic_decay)
   )
-  labels = tuple(_averages.decay_label(d) for d in decays)
-  layout = _states.MovingAverageLayout(keys, labels, several)
-  rules = [
-    _rules.decay_rule(
-      d,
-      num_updates=num_updates,
-      start_step=start_step,
-      dynamic_decay=bool(dynamic_decay),
-    )
-    for d in decays
-  ]
+  rules = [_rules.decay_rule(d, **clamps) for d in decays]
   if every > 1:
     rules = [_rules.Every(r, every) for r in rules]
   engine = _engine.Engine(
