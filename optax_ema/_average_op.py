@@ -50,21 +50,16 @@ def average_op(
   """
   _validation.check_decay(decay, "decay")
   _tree_utils.check_like(average_var, var, "var", "`average_var`")
+  _validation.check_float_average(average_var)
   d = jnp.asarray(decay, jnp.float32)
   step = _rules.StepSize(d)
   # A traced decay cannot be checked here: outside [0, 1] or NaN, the
   # average stays as it is (the transforms' rule), a select per leaf.
-  keep = (d >= 0.0) & (d <= 1.0) if _validation.is_traced(decay) else None
+  keep = (d >= 0.0) & (d <= 1.0) if _tree_utils.is_traced(decay) else None
 
   def leaf(a: Any, v: Any) -> Any:
     if _tree_utils.is_none_or_masked(a):
       return a
-    a = jnp.asarray(a)
-    if not _tree_utils.is_float(a):
-      raise TypeError(
-        "`average_var` leaves must be floating point (an integer average "
-        f"would truncate), got dtype {a.dtype}."
-      )
-    return _engine.step_leaf(a, v, step, keep=keep)
+    return _engine.step_leaf(jnp.asarray(a), v, step, keep=keep)
 
   return jax.tree.map(leaf, average_var, var, is_leaf=_tree_utils.is_none_or_masked)

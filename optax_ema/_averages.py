@@ -18,9 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_ema import _rules
 from optax_ema import _tree_utils
-from optax_ema import _validation
 
 
 class DebiasedAverage(NamedTuple):
@@ -163,7 +161,7 @@ def resolve_which(
   elif isinstance(which, (int, np.integer)):
     if -n <= int(which) < n:
       return int(which) % n
-  elif _validation.is_python_number(which) or isinstance(which, np.floating):
+  elif _tree_utils.is_python_number(which) or isinstance(which, np.floating):
     target = np.float32(which)
     matches = [
       i for i, v in enumerate(values) if v is not None and np.float32(v) == target
@@ -203,37 +201,6 @@ def debiased_value(average: Any, weight: Any) -> Any:
 
 def decay_label(decay: Any) -> float | None:
   """What :attr:`Averages.decays` records of one decay: a constant, or None."""
-  if _validation.is_concrete_scalar(decay):
+  if _tree_utils.is_concrete_scalar(decay):
     return float(decay)
   return None
-
-
-def split_decays(average_decay: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], bool]:
-  """``average_decay`` as ``(decays, keys, several)``, each decay validated.
-
-  A tuple/list of decays keeps one average per entry (keys ``0, 1, ...``), a
-  dict one per key; anything else is one average (key ``0``).
-  """
-  if isinstance(average_decay, (tuple, list)):
-    if not average_decay:
-      raise ValueError("`average_decay` is an empty sequence; give at least one.")
-    decays = tuple(average_decay)
-    for i, d in enumerate(decays):
-      _rules.check_decay_spec(d, f"average_decay[{i}]")
-    return decays, tuple(range(len(decays))), True
-  if isinstance(average_decay, dict):
-    if not average_decay:
-      raise ValueError("`average_decay` is an empty dict; give at least one.")
-    for k in average_decay:
-      if not isinstance(k, str):
-        raise TypeError(
-          f"`average_decay` dict keys must be strings, got {k!r} (use a tuple "
-          "of decays for averages picked by position)."
-        )
-    keys = tuple(average_decay)
-    decays = tuple(average_decay[k] for k in keys)
-    for k, d in zip(keys, decays, strict=True):
-      _rules.check_decay_spec(d, f"average_decay[{k!r}]")
-    return decays, keys, True
-  _rules.check_decay_spec(average_decay, "average_decay")
-  return (average_decay,), (0,), False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax
@@ -12,6 +11,7 @@ import optax
 from optax_ema import _reading
 from optax_ema import _states
 from optax_ema import _tree_utils
+from optax_ema import _validation
 from optax_ema import _variables
 
 
@@ -116,18 +116,7 @@ def diagnostics(
     >>> print(f"{stats['drift']:.4f}")
     1.2728
   """
-  if tx is not None:
-    warnings.warn(
-      "`diagnostics` no longer needs `tx`: the state records the decay of its "
-      "last averaging step. Call `diagnostics(opt_state, params)`.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-  if params is None:
-    raise ValueError(
-      "`diagnostics` needs the current parameters (for the drift): call "
-      "`diagnostics(opt_state, params)`."
-    )
+  _validation.check_diagnostics_args(tx, params)
   opt_state = _variables.strip(opt_state)
   params = _variables.strip(params)
   state = _reading.find_average_state(opt_state, caller="diagnostics")

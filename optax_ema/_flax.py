@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from optax_ema import _reading
+from optax_ema import _validation
 from optax_ema import _variables
 
 _FLAX_HINT = (
@@ -82,15 +83,7 @@ def averaged_train_state(state: Any, *, which: Any = None) -> Any:
     >>> print(int(averaged.step), [f"{x:.2f}" for x in state.params["w"]])
     2 ['0.60', '1.60']
   """
-  missing = [
-    name for name in ("params", "opt_state", "replace") if not hasattr(state, name)
-  ]
-  if missing:
-    raise TypeError(
-      "`state` must be a Flax TrainState (with `params`, `opt_state` and "
-      f"`replace`), got {type(state).__name__} without "
-      f"{', '.join(f'`{m}`' for m in missing)}."
-    )
+  _validation.check_train_state(state)
   found = _reading.find_average_states(state.opt_state)
   if len(found) != 1:
     # Let averaged_params raise its precise message, naming the state field.
@@ -149,11 +142,7 @@ def averaged_nnx_state(model: Any, optimizer: Any, *, which: Any = None) -> Any:
     ['bias', 'kernel'] -0.6875 -2.0000
   """
   nnx = _import_nnx("averaged_nnx_state")
-  if not (hasattr(optimizer, "opt_state") and hasattr(optimizer, "wrt")):
-    raise TypeError(
-      "`optimizer` must be an nnx.Optimizer (with `opt_state` and `wrt`), got "
-      f"{type(optimizer).__name__}."
-    )
+  _validation.check_nnx_optimizer(optimizer)
   params = nnx.state(model, optimizer.wrt, **_graph_kwargs(optimizer))
   opt_state = _variables.strip(optimizer.opt_state)
   found = _reading.find_average_states(opt_state)

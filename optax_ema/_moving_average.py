@@ -6,116 +6,19 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
-from optax_ema import _averages
 from optax_ema import _engine
 from optax_ema import _rules
 from optax_ema import _states
-from optax_ema import _storage
 from optax_ema import _transform
 from optax_ema import _validation
 from optax_ema._states import MovingAverageState as MovingAverageState
 
+# What the refusal of optax.ema as the optimizer to wrap suggests instead.
+_EXAMPLE = "optax_ema.moving_average(optax.adam(1e-3), average_decay=0.999)"
+
 DecayLike = float | jax.typing.ArrayLike | Callable[[jax.Array], jax.typing.ArrayLike]
-
-
-def _check_rounding(stochastic_rounding: Any, ema_dtype: Any, decays: Any) -> None:
-  if stochastic_rounding is None:
-    return
-  _validation.check_bool(stochastic_rounding, "stochastic_rounding")
-  narrow = ema_dtype is not None and jnp.dtype(ema_dtype).itemsize < 4
-  if stochastic_rounding and not narrow:
-    raise ValueError(
-      "`stochastic_rounding=True` needs `ema_dtype=jnp.bfloat16` or "
-      "`jnp.float16` (it rounds the float32 result to that storage), got "
-      f"`ema_dtype`={ema_dtype!r}."
-    )
-  if not stochastic_rounding and narrow:
-    for decay in decays:
-      specs = decay.prefix if isinstance(decay, _rules.PerLeafDecay) else decay
-      for d in jax.tree.leaves(specs, is_leaf=callable):
-        _validation.warn_if_unresolvable(d, ema_dtype, "average_decay", stacklevel=4)
-
-
-def _check_debias(debias: bool, decays: Any, clamped: bool) -> None:
-  """``debias=True`` with a decay of 1: nothing would ever be averaged.
-
-  A constant 1, or a schedule that is 1 at every sampled count.
-
-  Unless ``num_updates``, ``dynamic_decay`` or ``start_step`` make some
-  steps average all the same (``clamped``).
-  """
-  if not debias or clamped:
-    return
-  for decay in decays:
-    specs = decay.prefix if isinstance(decay, _rules.PerLeafDecay) else decay
-    for d in jax.tree.leaves(specs, is_leaf=callable):
-      if callable(d):
-        values = _validation.sample_schedule(d)
-        if values is not None and np.all(values.astype(np.float32) == 1.0):
-          raise ValueError(
-            f"`debias=True` with an `average_decay` schedule ({d!r}) that is 1 "
-            f"at every count checked ({_validation.SAMPLED_COUNTS[0]} to "
-            f"{_validation.SAMPLED_COUNTS[-1]}): it never moves the average, so "
-            "the debiased average holds nothing and reads as the live params. "
-            "Use a schedule below 1, or drop `debias`."
-          )
-      elif _validation.is_concrete_scalar(d) and float(np.float32(d)) == 1.0:
-        raise ValueError(
-          f"`debias=True` with `average_decay`={d!r}: a decay of 1 never "
-          "moves the average, so the debiased average holds nothing and "
-          "reads as the live params at every step. Use a decay below 1 "
-          "(e.g. 0.999), or drop `debias` for an average frozen at the "
-          "initial params."
-        )
-
-
-def _overwrite_slot(
-  overwrite_every: Any,
-  overwrite_with: Any,
-  update_every: int,
-  sequential_update: bool,
-  layout: _states.MovingAverageLayout,
-) -> tuple[int, int]:
-  """``(overwrite_every, slot)``: 0 when the params are never overwritten."""
-  if overwrite_every is None:
-    if overwrite_with is not None:
-      raise ValueError(
-        "`overwrite_with` picks the average that overwrites the params, so it "
-        "needs `overwrite_every`; got `overwrite_every=None`."
-      )
-    return 0, 0
-  every = _validation.static_int(overwrite_every, "overwrite_every")
-  if not sequential_update:
-    raise ValueError(
-      "`overwrite_every` needs `sequential_update=True`: with False the average "
-      "holds the params from before this step's update, and moving the params "
-      "onto it would throw that update away."
-    )
-  if every % update_every:
-    raise ValueError(
-      f"`overwrite_every`={every} must be a multiple of `update_every`="
-      f"{update_every}: the params can only move onto an average on a step "
-      "that averages."
-    )
-  if not layout.several:
-    if overwrite_with is not None:
-      raise ValueError(
-        f"`overwrite_with` must be None for a single average, got {overwrite_with!r}."
-      )
-    return every, 0
-  if overwrite_with is None:
-    raise ValueError(
-      f"`overwrite_every` with {len(layout.keys)} averages is ambiguous: pass "
-      "`overwrite_with=` the one that overwrites the params, one of: "
-      f"{_averages.describe_choices(layout.keys, layout.labels, 'decay')}."
-    )
-  return every, _averages.resolve_which(
-    overwrite_with, layout.keys, layout.labels, "decay", name="overwrite_with"
-  )
 
 
 def moving_average(
@@ -178,10 +81,7 @@ def moving_average(
   arguments below and :mod:`optax_ema.schedules` for decay schedules.
 
   Args:
-    optimizer: the optax transformation to wrap, or the name of an optax
-      optimizer (``"sgd"``, ``"adam"``, ...), built with
-      ``optax.inject_hyperparams`` so that its learning rate lives in the
-      state (Keras's default learning rate when none is given).
+    optimizer: the optax transformation to wrap.
     average_decay: a float in [0, 1] or a schedule ``count -> decay`` (e.g.
       from :mod:`optax_ema.schedules`); or
       :func:`optax_ema.schedules.per_leaf` of a pytree prefix of those (one
@@ -295,45 +195,39 @@ def moving_average(
     where memory allows; a bfloat16 or float16 average relies on stochastic
     rounding to move at high decays.
   """
-  decays, keys, several = _averages.split_decays(average_decay)
+  checked = _validation.check_average_decay(average_decay)
+  decays, keys, several, _ = checked
   for name, value in (
     ("sequential_update", sequential_update),
     ("dynamic_decay", dynamic_decay),
     ("skip_nonfinite", skip_nonfinite),
     ("debias", debias),
-    ("offload", offload),
   ):
     _validation.check_bool(value, name)
   _validation.check_int(num_updates, "num_updates", allow_none=True)
   _validation.check_int(start_step, "start_step")
-  _validation.check_ema_dtype(ema_dtype)
   _validation.check_mask(mask)
-  every = (
-    1 if update_every is None else _validation.static_int(update_every, "update_every")
+  every = _validation.check_update_every(update_every)
+  storage = _validation.check_storage(
+    ema_dtype, stochastic_rounding, offload, decays=checked.leaves, strict_rounding=True
   )
-  _check_rounding(stochastic_rounding, ema_dtype, decays)
-  late = not (_validation.is_concrete_scalar(start_step) and start_step == 0)
-  clamped = num_updates is not None or bool(dynamic_decay) or late
-  _check_debias(bool(debias), decays, clamped)
-  labels = tuple(_averages.decay_label(d) for d in decays)
-  layout = _states.MovingAverageLayout(keys, labels, several)
-  overwrite, slot = _overwrite_slot(
-    overwrite_every, overwrite_with, every, bool(sequential_update), layout
+  _validation.check_debias(
+    bool(debias), checked, num_updates, bool(dynamic_decay), start_step
   )
-  rules = [
-    _rules.decay_rule(
-      d,
-      num_updates=num_updates,
-      start_step=start_step,
-      dynamic_decay=bool(dynamic_decay),
-    )
-    for d in decays
-  ]
+  overwrite, slot = _validation.check_overwrite(
+    overwrite_every, overwrite_with, every, bool(sequential_update), checked
+  )
+  optimizer = _validation.checked_optimizer(optimizer, "moving_average", _EXAMPLE)
+  layout = _states.MovingAverageLayout(keys, decays, several)
+  clamps = dict(
+    num_updates=num_updates, start_step=start_step, dynamic_decay=bool(dynamic_decay)
+  )
+  rules = [_rules.decay_rule(d, **clamps) for d in decays]
   if every > 1:
     rules = [_rules.Every(r, every) for r in rules]
   engine = _engine.Engine(
     slots=tuple(_engine.Slot(r, bool(debias)) for r in rules),
-    storage=_storage.Storage(ema_dtype, stochastic_rounding, bool(offload)),
+    storage=storage,
     mask=mask,
     sequential=bool(sequential_update),
     skip_nonfinite=bool(skip_nonfinite),

@@ -2,48 +2,19 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_ema import _engine
 from optax_ema import _power_math
 from optax_ema import _rules
 from optax_ema import _states
-from optax_ema import _storage
 from optax_ema import _transform
 from optax_ema import _validation
 from optax_ema._states import PowerEmaState as PowerEmaState
-
-
-def _warn_if_profiles_freeze(ema_dtype: Any, gamma: float) -> None:
-  """Round-to-nearest narrow storage stops a power profile after a while.
-
-  A profile's step ``1 - beta(t)`` shrinks like ``(gamma + 1) / t``; by the
-  rule of the moving average's warning (a parameter moving by 1e-3 of its
-  value per step, half a place of the storage dtype at most ``eps / 2`` of
-  it), every step rounds back from about ``t = 2e-3 (gamma + 1) / eps`` on.
-  """
-  storage = jnp.dtype(ema_dtype)
-  if storage.itemsize >= 4:
-    return
-  eps = float(jnp.finfo(storage).eps)
-  after = max(1, round(2 * _validation.RELATIVE_MOVE * (gamma + 1) / eps))
-  warnings.warn(
-    f"`ema_dtype`={storage.name} with `stochastic_rounding=False`: a power "
-    f"profile's step shrinks like (gamma + 1) / t, and for a parameter "
-    f"moving by {_validation.RELATIVE_MOVE:g} of its value per step it moves "
-    f"the average by less than half a {storage.name} place from about "
-    f"{after:,} updates on, from where round-to-nearest storage will not "
-    "move. Leave `stochastic_rounding` at its default, or store the averages "
-    "in float32.",
-    UserWarning,
-    stacklevel=4,
-  )
 
 
 def power_ema(
@@ -79,8 +50,7 @@ def power_ema(
   snapshots for post-hoc reconstruction with :mod:`optax_ema.posthoc`.
 
   Args:
-    optimizer: the optax transformation to wrap, or the name of an optax
-      optimizer, as for :func:`optax_ema.moving_average`.
+    optimizer: the optax transformation to wrap.
     sigma_rels: the profile widths to track, each in ``(0, 0.30028]``
       (EDM2 tracks 0.05 and 0.10). Stored in increasing order.
     ema_dtype: accumulator dtype for floating point leaves. ``None`` keeps
@@ -127,16 +97,16 @@ def power_ema(
   """
   sigmas = _validation.check_sigma_rels(sigma_rels)
   gammas = tuple(_power_math.sigma_rel_to_gamma(s) for s in sigmas)
-  _validation.check_ema_dtype(ema_dtype)
   _validation.check_mask(mask)
-  if stochastic_rounding is not None:
-    _validation.check_bool(stochastic_rounding, "stochastic_rounding")
-  if stochastic_rounding is False and ema_dtype is not None:
-    _warn_if_profiles_freeze(ema_dtype, max(gammas))
-  _validation.check_bool(offload, "offload")
+  storage = _validation.check_storage(
+    ema_dtype, stochastic_rounding, offload, gammas=gammas
+  )
+  optimizer = _validation.checked_optimizer(
+    optimizer, "power_ema", "optax_ema.power_ema(optax.adam(1e-3))"
+  )
   engine = _engine.Engine(
     slots=tuple(_engine.Slot(_rules.Power(g)) for g in gammas),
-    storage=_storage.Storage(ema_dtype, stochastic_rounding, bool(offload)),
+    storage=storage,
     mask=mask,
   )
   layout = _states.PowerEmaLayout(sigmas)

@@ -10,7 +10,6 @@ and its last step size.
 from __future__ import annotations
 
 import collections
-import warnings
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ from optax_ema import _averages
 from optax_ema import _states
 from optax_ema import _tree_utils
 from optax_ema import _variables
+from optax_ema import _warn
 
 View = _states.View
 is_average_state = _states.is_average_state
@@ -108,15 +108,13 @@ def warn_if_not_last(opt_state: Any, path: tuple[Any, ...], caller: str) -> None
     after = [] if parallel else _followers(node, key)
     if after:
       names = ", ".join(type(x).__name__ for x in after)
-      warnings.warn(
+      _warn.warn(
         f"`{caller}`: the averaging state is not last in its optax.chain (it "
         f"is followed by {names}): the transformations after it change the "
         "updates it averaged, so it averages params that training never "
         "has (and `overwrite_every` would move the params onto them). Put "
         "them inside the wrapper instead, e.g. "
-        "`optax_ema.moving_average(optax.chain(opt, optax.scale(...)))`.",
-        UserWarning,
-        stacklevel=4,
+        "`optax_ema.moving_average(optax.chain(opt, optax.scale(...)))`."
       )
       return
     parallel = isinstance(node, optax.MultiTransformState)

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 
 from optax_ema import _power_math
 from optax_ema import _tree_utils
-from optax_ema import _validation
 
 
 class StepSize(NamedTuple):
@@ -183,7 +182,7 @@ class Decay(Rule):
   def valid(self, count: jax.Array) -> jax.Array | None:
     # It is the value given that is checked, before the clamps of
     # num_updates and dynamic_decay; a constant was checked when built.
-    if not (callable(self.decay) or _validation.is_traced(self.decay)):
+    if not (callable(self.decay) or _tree_utils.is_traced(self.decay)):
       return None
     given = self._given(count)[0]
     return (given >= 0.0) & (given <= 1.0)  # NaN: False
@@ -320,15 +319,3 @@ def per_step(w: jax.Array, k: Any) -> jax.Array:
   if isinstance(k, int) and k == 1:
     return w
   return -jnp.expm1(jnp.log1p(-w) / jnp.asarray(k, jnp.float32))
-
-
-def check_decay_spec(decay: Any, name: str) -> None:
-  """Validates one average's decay: a number, a schedule or a per-leaf tree."""
-  if isinstance(decay, PerLeafDecay):
-    leaves, _ = jax.tree_util.tree_flatten_with_path(decay.prefix, is_leaf=callable)
-    if not leaves:
-      raise ValueError(f"`{name}` per_leaf tree holds no decay: {decay!r}.")
-    for path, leaf in leaves:
-      _validation.check_decay(leaf, f"{name}{jax.tree_util.keystr(path)}")
-    return
-  _validation.check_decay(decay, name)

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec
 from jax.sharding import SingleDeviceSharding
 
 from optax_ema import _tree_utils
+from optax_ema import _validation
 
 
 def _replicated(param_shardings: Any) -> Any:
@@ -25,60 +26,6 @@ def _replicated(param_shardings: Any) -> Any:
 
 def _is_sharding(x: Any) -> bool:
   return isinstance(x, jax.sharding.Sharding)
-
-
-def _check_transformation(tx: Any) -> None:
-  if callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)):
-    return
-  hint = ""
-  owner = getattr(tx, "__self__", None)
-  if getattr(tx, "__name__", "") in ("init", "init_fn") or owner is not None:
-    hint = " (`tx.init` was passed: pass `tx` itself)"
-  elif callable(tx):
-    hint = " (a function was passed: pass the transformation whose `init` it is)"
-  raise TypeError(
-    "`tx` must be an optax.GradientTransformation (an object with `init` and "
-    f"`update`), got {type(tx).__name__}{hint}: "
-    "`optax_ema.state_shardings(tx, params)`."
-  )
-
-
-def _check_param_shardings(param_shardings: Any, params: Any) -> None:
-  """``param_shardings`` must be a tree of shardings shaped like ``params``."""
-  specs = [
-    _tree_utils.keystr(path)
-    for path, s in jax.tree_util.tree_flatten_with_path(
-      param_shardings, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )[0]
-    if isinstance(s, PartitionSpec)
-  ]
-  if specs:
-    raise TypeError(
-      f"`param_shardings` holds PartitionSpecs (at {', '.join(specs[:3])}), "
-      "which name mesh axes but no mesh: give shardings, e.g. "
-      "`jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)`."
-    )
-  try:
-    _tree_utils.flatten(params)[1].flatten_up_to(param_shardings)
-  except (ValueError, TypeError):
-    message = _tree_utils.structure_error(
-      params, param_shardings, "param_shardings", "`params`"
-    )
-    raise ValueError(
-      f"{message} Give one sharding per parameter, in a tree shaped like `params`."
-    ) from None
-  bad = [
-    f"{_tree_utils.keystr(path)} ({type(s).__name__})"
-    for path, s in jax.tree_util.tree_flatten_with_path(
-      param_shardings, is_leaf=_is_sharding
-    )[0]
-    if not _is_sharding(s)
-  ]
-  if bad:
-    raise TypeError(
-      "`param_shardings` must hold a jax.sharding.Sharding per parameter, got "
-      f"{', '.join(bad[:3])}."
-    )
 
 
 def state_shardings(
@@ -129,22 +76,9 @@ def state_shardings(
     >>> print(target.average["w"].sharding.memory_kind)
     pinned_host
   """
-  _check_transformation(tx)
-  if param_shardings is not None:
-    _check_param_shardings(param_shardings, params)
+  _validation.check_state_shardings_args(tx, params, param_shardings)
   if param_shardings is None:
     param_shardings = jax.tree.map(lambda p: getattr(p, "sharding", None), params)
-    unsharded = [
-      _tree_utils.keystr(path)
-      for path, s in jax.tree_util.tree_flatten_with_path(params)[0]
-      if getattr(s, "sharding", None) is None
-    ]
-    if unsharded:
-      raise ValueError(
-        f"`params` carry no sharding at {', '.join(unsharded[:3])} (abstract "
-        "params from jax.eval_shape have none): pass `param_shardings=`, a "
-        "tree of shardings shaped like `params`."
-      )
   replicated = _replicated(param_shardings)
   abstract = jax.eval_shape(tx.init, params)
 

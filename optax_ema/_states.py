@@ -198,8 +198,9 @@ class MovingAverageLayout(Layout):
   state_type = MovingAverageState
   added: ClassVar[dict[str, float]] = {"step_size": np.nan}
 
-  def __init__(self, keys: tuple[Any, ...], labels: tuple[Any, ...], several: bool):
-    self.keys, self.labels, self.several = keys, labels, several
+  def __init__(self, keys: tuple[Any, ...], decays: Any, several: bool) -> None:
+    self.keys, self.several = keys, several
+    self.labels = tuple(_averages.decay_label(d) for d in decays)
 
   def pack(self, inner_state: Any, averages: _engine.EngineState) -> MovingAverageState:
     slots, count, step_sizes = averages

@@ -11,7 +11,6 @@ import optax
 from optax_ema import _engine
 from optax_ema import _rules
 from optax_ema import _states
-from optax_ema import _storage
 from optax_ema import _transform
 from optax_ema import _tree_utils
 from optax_ema import _validation
@@ -73,9 +72,7 @@ def swa(
   applies. Read the average with :func:`optax_ema.averaged_params`.
 
   Args:
-    optimizer: the optax transformation to wrap, or the name of an optax
-      optimizer (``"sgd"``, ``"adam"``, ...; see
-      :func:`optax_ema.moving_average`).
+    optimizer: the optax transformation to wrap.
     start_averaging: the number of updates before the first snapshot.
     average_period: take a snapshot every this many updates (>= 1).
       Both may be int32 scalars traced by ``optax.inject_hyperparams``.
@@ -118,10 +115,13 @@ def swa(
   """
   _validation.check_int(start_averaging, "start_averaging", 0)
   _validation.check_int(average_period, "average_period", 1)
-  _validation.check_bool(offload, "offload")
+  storage = _validation.check_storage(None, None, offload)
+  optimizer = _validation.checked_optimizer(
+    optimizer, "swa", "optax_ema.swa(optax.adam(1e-3))"
+  )
   engine = _engine.Engine(
     slots=(_engine.Slot(_rules.RunningMean(start_averaging, average_period)),),
-    storage=_storage.Storage(offload=bool(offload)),
+    storage=storage,
   )
   layout = _states.SWALayout()
   return _transform.averaging_transformation(optimizer, engine, layout, "swa")

@@ -16,21 +16,8 @@ from typing import Any
 import optax
 
 from optax_ema import _engine
-from optax_ema import _inner_state
 from optax_ema import _states
 from optax_ema import _tree_utils
-
-
-def check_transformation(optimizer: Any) -> None:
-  if not (
-    callable(getattr(optimizer, "init", None))
-    and callable(getattr(optimizer, "update", None))
-  ):
-    raise TypeError(
-      "`optimizer` must be an optax.GradientTransformation (an object with "
-      "`init` and `update`) or the name of an optax optimizer such as "
-      f"'adam', got {type(optimizer).__name__}: {optimizer!r}."
-    )
 
 
 def _check_state(state: Any, layout: _states.Layout, caller: str) -> None:
@@ -61,14 +48,15 @@ def averaging_transformation(
   layout: _states.Layout,
   caller: str,
 ) -> optax.GradientTransformationExtraArgs:
-  """Wraps ``optimizer`` so that ``engine`` averages its params."""
-  check_transformation(optimizer)
+  """Wraps ``optimizer`` so that ``engine`` averages its params.
+
+  ``optimizer`` comes checked by the factory
+  (:func:`optax_ema._validation.checked_optimizer`).
+  """
   inner = optax.with_extra_args_support(optimizer)
 
   def init_fn(params: optax.Params) -> Any:
     inner_state = inner.init(params)
-    _inner_state.check_not_an_update_average(inner_state, caller)
-    _inner_state.check_no_partial_multisteps(inner_state, caller)
     return layout.pack(inner_state, engine.init(params))
 
   def update_fn(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,23 @@ def is_float(x: Any) -> bool:
 def is_key(x: Any) -> bool:
   dtype = getattr(x, "dtype", None)
   return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def is_python_number(x: Any) -> bool:
+  """A real number that is not a bool (NumPy's real scalars count)."""
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def is_concrete_scalar(x: Any) -> bool:
+  """A Python number or a NumPy scalar / 0-d array (not a JAX array)."""
+  return is_python_number(x) or (
+    isinstance(x, (np.ndarray, np.generic)) and np.ndim(x) == 0
+  )
+
+
+def is_traced(x: Any) -> bool:
+  """Whether ``x`` is a tracer: its value is known only in the step."""
+  return isinstance(x, jax.core.Tracer)
 
 
 def is_placeholder(params: Any) -> bool:

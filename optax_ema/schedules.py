@@ -95,12 +95,7 @@ def warmup(
     Wightman, timm ``ModelEmaV3`` (``get_decay``); von Platen et al.,
     diffusers ``EMAModel.get_decay``; Wang, ema-pytorch ``EMA.get_current_decay``.
   """
-  max_decay = _validation.check_unit(max_decay, "max_decay")
-  min_decay = _validation.check_unit(min_decay, "min_decay")
-  if min_decay > max_decay:
-    raise ValueError(
-      f"`min_decay` must be <= `max_decay`, got {min_decay!r} > {max_decay!r}."
-    )
+  max_decay, min_decay = _validation.check_decay_bounds(max_decay, min_decay)
   inv_gamma = _validation.check_positive(inv_gamma, "inv_gamma")
   power = _validation.check_positive(power, "power")
   _validation.check_int(start_step, "start_step")
@@ -215,9 +210,7 @@ def to_half_life(decay: jax.typing.ArrayLike) -> Any:
     692.8
   """
   if isinstance(decay, (numbers.Real, np.floating, np.integer)):
-    d = _validation.check_unit(decay, "decay")
-    if d in (0.0, 1.0):
-      raise ValueError(f"`decay` must be in (0, 1) to have a half-life, got {decay!r}.")
+    d = _validation.check_half_life_decay(decay)
     return -math.log(2.0) / math.log1p(d - 1.0)
   xp = jnp if isinstance(decay, jax.Array) else np
   d = xp.asarray(decay)
@@ -299,18 +292,7 @@ def power(gamma: float | None = None, sigma_rel: float | None = None) -> Schedul
     Karras et al., "Analyzing and Improving the Training Dynamics of
     Diffusion Models", CVPR 2024, section 3.1 and appendix C.
   """
-  if (gamma is None) == (sigma_rel is None):
-    raise ValueError(
-      "`power` needs exactly one of `gamma` and `sigma_rel`, got "
-      f"gamma={gamma!r}, sigma_rel={sigma_rel!r}."
-    )
-  if sigma_rel is not None:
-    g = float(
-      _power_math.sigma_rel_to_gamma(_validation.check_real(sigma_rel, "sigma_rel"))
-    )
-  else:
-    g = _validation.check_real(gamma, "gamma")
-    _power_math.gamma_to_sigma_rel(g)  # raises on gamma <= -1
+  g = _validation.check_power_profile(gamma, sigma_rel)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
     return _power_math.power_decay(count, g)

@@ -24,13 +24,34 @@ from optax_ema.compat import _optimizers
 
 _T = TypeVar("_T")
 
+# How the core's docstrings describe `optimizer`; the edge's replace it.
+_CORE_OPTIMIZER_DOC = "    optimizer: the optax transformation to wrap.\n"
 
-def with_optimizer_names(core: Callable[..., _T]) -> Callable[..., _T]:
+
+def _document(doc: str | None, optimizer_doc: str) -> str:
+  """The core's docstring ``doc`` with the edge's ``optimizer`` entry."""
+  if doc is None or doc.count(_CORE_OPTIMIZER_DOC) != 1:
+    raise ValueError(f"the core's docstring has no one line {_CORE_OPTIMIZER_DOC!r}")
+  return doc.replace(_CORE_OPTIMIZER_DOC, optimizer_doc)
+
+
+def with_optimizer_names(
+  core: Callable[..., _T], optimizer_doc: str
+) -> Callable[..., _T]:
   """``core`` taking an optimizer by name and Keras's optimizer keywords too.
 
   Keyword arguments that ``core`` does not take are the optimizer's: they
   build it from its name, or are Keras's clip arguments; anything else is a
   TypeError naming it.
+
+  Args:
+    core: a factory of the core, taking a transformation as ``optimizer``.
+    optimizer_doc: the ``optimizer`` entry of the edge's docstring, which
+      replaces the core's (which speaks of transformations only).
+
+  Returns:
+    The edge: ``core``'s signature with a ``**optimizer_kwargs`` catch-all,
+    and its docstring with ``optimizer_doc``.
   """
   signature = inspect.signature(core)
   own = set(signature.parameters) - {"optimizer"}
@@ -49,9 +70,28 @@ def with_optimizer_names(core: Callable[..., _T]) -> Callable[..., _T]:
   edge.__signature__ = signature.replace(  # type: ignore[attr-defined]
     parameters=[*signature.parameters.values(), catch_all]
   )
+  edge.__doc__ = _document(core.__doc__, optimizer_doc)
   return edge
 
 
-moving_average = with_optimizer_names(_moving_average.moving_average)
-power_ema = with_optimizer_names(_power_ema.power_ema)
-swa = with_optimizer_names(_swa.swa)
+moving_average = with_optimizer_names(
+  _moving_average.moving_average,
+  """    optimizer: the optax transformation to wrap, or the name of an optax
+      optimizer (``"sgd"``, ``"adam"``, ...), built with
+      ``optax.inject_hyperparams`` so that its learning rate lives in the
+      state (Keras's default learning rate when none is given).
+""",
+)
+power_ema = with_optimizer_names(
+  _power_ema.power_ema,
+  """    optimizer: the optax transformation to wrap, or the name of an optax
+      optimizer, as for :func:`optax_ema.moving_average`.
+""",
+)
+swa = with_optimizer_names(
+  _swa.swa,
+  """    optimizer: the optax transformation to wrap, or the name of an optax
+      optimizer (``"sgd"``, ``"adam"``, ...; see
+      :func:`optax_ema.moving_average`).
+""",
+)

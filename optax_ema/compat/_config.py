@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from optax_ema import _validation
 from optax_ema.compat import _stateful
 
 
@@ -85,19 +86,11 @@ class Config(_stateful.Stateful):
     Keras-style ``{"class_name": ..., "config": ...}`` optimizer entries are
     understood.
     """
-    if not isinstance(config, Mapping):
-      raise TypeError(f"`config` must be a dict, got {type(config).__name__}.")
+    _validation.check_config(config)
     kwargs: dict[str, Any] = _copy_config(dict(config))
-    if "optimizer" not in kwargs:
-      raise ValueError("`config` has no 'optimizer' entry.")
     optimizer, optimizer_kwargs = _restore_optimizer(
       kwargs.pop("optimizer"), custom_objects
     )
-    clash = sorted(set(optimizer_kwargs) & set(kwargs))
-    if clash:
-      raise ValueError(
-        f"`config` sets {', '.join(clash)} both at the top level and in the "
-        "optimizer's config."
-      )
+    _validation.check_config_clash(optimizer_kwargs, kwargs)
     make: Any = cls  # MovingAverage or SWA, each with its own arguments
     return make(optimizer, **kwargs, **optimizer_kwargs)

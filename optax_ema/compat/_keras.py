@@ -9,17 +9,15 @@ applied before the optimizer) and its legacy inverse-time learning-rate
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
-import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from optax_ema import _validation
 
 # Keras's default learning rate for each optimizer it has under the same name
 # (tf.keras 2.x and Keras 3 agree on these).
@@ -48,39 +46,6 @@ KERAS_ARGUMENT_NAMES: dict[str, str] = {
 }
 
 CLIP_KEYS = ("clipnorm", "clipvalue", "global_clipnorm")
-
-
-def is_real_number(x: Any) -> bool:
-  if isinstance(x, (bool, np.bool_)):
-    return False
-  if isinstance(x, numbers.Real):
-    return True
-  return isinstance(x, (np.ndarray, jax.Array)) and (
-    np.ndim(x) == 0 and jnp.issubdtype(x.dtype, jnp.number)
-  )
-
-
-def _check_positive(value: Any, name: str) -> None:
-  if not is_real_number(value):
-    raise TypeError(
-      f"`{name}` must be a positive float, got {type(value).__name__}: {value!r}."
-    )
-  as_float = float(value)
-  if math.isnan(as_float) or as_float <= 0:
-    raise ValueError(f"`{name}` must be a positive float, got {value!r}.")
-
-
-def check_learning_rate(value: Any) -> None:
-  if callable(value):
-    return  # a schedule
-  if not is_real_number(value):
-    raise TypeError(
-      "`learning_rate` must be a float or a schedule `count -> learning "
-      f"rate`, got {type(value).__name__}: {value!r}."
-    )
-  as_float = float(value)
-  if math.isnan(as_float) or as_float < 0:
-    raise ValueError(f"`learning_rate` must be >= 0, got {value!r}.")
 
 
 def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
@@ -167,14 +132,7 @@ def pop_clips(kwargs: dict[str, Any]) -> dict[str, Any]:
   """Takes Keras's clip arguments out of ``kwargs``, validated."""
   clips = {key: kwargs.pop(key) for key in CLIP_KEYS if key in kwargs}
   clips = {key: value for key, value in clips.items() if value is not None}
-  for key, value in clips.items():
-    _check_positive(value, key)
-  if "clipnorm" in clips and "global_clipnorm" in clips:
-    raise ValueError(
-      "Only one of `clipnorm` and `global_clipnorm` can be set, got "
-      f"clipnorm={clips['clipnorm']!r} and "
-      f"global_clipnorm={clips['global_clipnorm']!r}."
-    )
+  _validation.check_clips(clips)
   return clips
 
 
@@ -192,40 +150,10 @@ def with_clips(
   return optax.chain(*transforms, tx) if transforms else tx
 
 
-def pop_learning_rate(kwargs: dict[str, Any], caller: str, stacklevel: int) -> str:
+def pop_learning_rate(kwargs: dict[str, Any], caller: str) -> str:
   """Renames Keras's ``lr`` to ``learning_rate``; returns the name given."""
   if "lr" not in kwargs:
     return "learning_rate"
-  if "learning_rate" in kwargs:
-    raise TypeError(
-      f"`{caller}` got both `lr` and `learning_rate`; pass only `learning_rate`."
-    )
-  warnings.warn(
-    "`lr` is deprecated, use `learning_rate` instead.",
-    DeprecationWarning,
-    stacklevel=stacklevel + 1,
-  )
+  _validation.check_lr_alias(kwargs, caller)
   kwargs["learning_rate"] = kwargs.pop("lr")
   return "lr"
-
-
-def warn_learning_rate_decay(decay: Any, stacklevel: int) -> None:
-  """Keras's ``decay`` is a learning-rate decay, not the average's."""
-  warnings.warn(
-    f"`decay`={decay!r} is Keras's legacy learning-rate decay "
-    "(`learning_rate / (1 + decay * t)`), as TFA read it, not the decay "
-    "of the moving average, which is `average_decay`. Keras 3 removed "
-    "`decay`; pass `average_decay=` for the average and a learning-rate "
-    "schedule for the optimizer.",
-    UserWarning,
-    stacklevel=stacklevel + 1,
-  )
-
-
-def check_decay(decay: Any) -> None:
-  if not is_real_number(decay):
-    raise TypeError(
-      f"`decay` must be a non-negative float, got {type(decay).__name__}: {decay!r}."
-    )
-  if math.isnan(float(decay)) or float(decay) < 0:
-    raise ValueError(f"`decay` must be a non-negative float, got {decay!r}.")

@@ -22,8 +22,12 @@ import jax
 import numpy as np
 import optax
 
-from optax_ema import _transform
+from optax_ema import _validation
 from optax_ema.compat import _keras
+
+# What the edge takes as `optimizer` besides a transformation, in the words of
+# the core's message (`_validation.check_transformation`).
+BY_NAME = " or the name of an optax optimizer such as 'adam'"
 
 
 @functools.cache
@@ -70,31 +74,8 @@ def _resolve_name(name: str) -> tuple[str, Callable[..., Any]]:
   raise ValueError(f"`optimizer` {name!r} is not an optax optimizer name.{hint}")
 
 
-def _check_built_optimizer_kwargs(
-  kwargs: dict[str, Any], decay: Any, lr_name: str, caller: str
-) -> None:
-  """Keyword arguments that cannot take effect on an optimizer already built."""
-  if decay is not None:
-    raise ValueError(
-      f"`{caller}` got `decay`={decay!r} for an optimizer that is already "
-      "built. For the decay of the moving average, pass `average_decay=`. "
-      "(`decay` is Keras's legacy learning-rate decay, which only applies to "
-      "an optimizer given by name, e.g. 'sgd'.)"
-    )
-  if "learning_rate" in kwargs:
-    raise ValueError(
-      f"`{caller}` got `{lr_name}` for an optimizer that is already built, "
-      "where it cannot take effect. Pass the optimizer by name (e.g. 'sgd') "
-      "to set it here, or build it with it, e.g. optax.sgd(schedule)."
-    )
-  if kwargs:
-    raise TypeError(
-      f"`{caller}` got unexpected keyword argument(s): {', '.join(sorted(kwargs))}."
-    )
-
-
 def build_optimizer(
-  optimizer: Any, kwargs: dict[str, Any], caller: str, stacklevel: int = 3
+  optimizer: Any, kwargs: dict[str, Any], caller: str
 ) -> tuple[optax.GradientTransformation, dict[str, Any]]:
   """Builds the transformation and returns it with its config.
 
@@ -102,8 +83,6 @@ def build_optimizer(
     optimizer: an optax transformation or the name of an optax alias.
     kwargs: the caller's extra keyword arguments (not modified).
     caller: the public function or class name, for error messages.
-    stacklevel: where the DeprecationWarning for ``lr`` points (3: the
-      caller's caller).
 
   Returns:
     ``(transformation, config)``. ``config`` holds ``"optimizer"`` (``{"name":
@@ -119,15 +98,15 @@ def build_optimizer(
   elif nested is not None:
     kwargs["optimizer_kwargs"] = nested
   clips = _keras.pop_clips(kwargs)
-  lr_name = _keras.pop_learning_rate(kwargs, caller, stacklevel)
+  lr_name = _keras.pop_learning_rate(kwargs, caller)
   decay = kwargs.pop("decay", None)
   if isinstance(optimizer, str):
     tx, optimizer_config = _build_by_name(optimizer, kwargs, decay, caller)
     if decay is not None:
-      _keras.warn_learning_rate_decay(decay, stacklevel)
+      _validation.warn_learning_rate_decay(decay)
   else:
-    _check_built_optimizer_kwargs(kwargs, decay, lr_name, caller)
-    _transform.check_transformation(optimizer)
+    _validation.check_built_optimizer_kwargs(kwargs, decay, lr_name, caller)
+    _validation.check_transformation(optimizer, also=BY_NAME)
     tx, optimizer_config = optimizer, optimizer
   tx = _keras.with_clips(tx, clips)
   config: dict[str, Any] = {"optimizer": optimizer_config}
@@ -203,9 +182,9 @@ def _build_by_name(
       )
     kwargs["learning_rate"] = _keras.KERAS_DEFAULT_LEARNING_RATES[key]
   learning_rate = kwargs.pop("learning_rate")
-  _keras.check_learning_rate(learning_rate)
+  _validation.check_learning_rate(learning_rate)
   if decay is not None:
-    _keras.check_decay(decay)
+    _validation.check_keras_decay(decay)
   alias_kwargs = _alias_kwargs(kwargs, parameters, key, caller)
   static = _static_args(parameters, alias_kwargs)
   if decay is not None and float(decay) > 0:
@@ -235,4 +214,4 @@ def resolve_optimizer(
   :func:`build_optimizer`); ``kwargs`` are the caller's extra keyword
   arguments.
   """
-  return build_optimizer(optimizer, kwargs, caller, stacklevel=4)[0]
+  return build_optimizer(optimizer, kwargs, caller)[0]

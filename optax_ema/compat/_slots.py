@@ -11,6 +11,7 @@ import optax
 
 from optax_ema import _states
 from optax_ema import _tree_utils
+from optax_ema import _validation
 from optax_ema.compat import _stateful
 from optax_ema.compat import _weights
 
@@ -161,8 +162,7 @@ class Slots(_stateful.Stateful):
     an array, or a callable ``(shape, dtype) -> array``.
     """
     self._require_built("add_slot")
-    if not isinstance(slot_name, str):
-      raise TypeError(f"`slot_name` must be a str, got {slot_name!r}.")
+    _validation.check_str(slot_name, "slot_name")
     path = self._path_of(var, "add_slot")
     if (path, slot_name) in self._slots:
       return self._slots[(path, slot_name)]

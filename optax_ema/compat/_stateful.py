@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -15,7 +12,8 @@ import optax
 from optax_ema import _reading
 from optax_ema import _states
 from optax_ema import _tree_utils
-from optax_ema.compat import _keras
+from optax_ema import _validation
+from optax_ema import _warn
 from optax_ema.compat import _optimizers
 
 
@@ -28,38 +26,6 @@ def _is_hyperparams_state(x: Any) -> bool:
   )
 
 
-def _split_grads_and_vars(grads_and_vars: Any) -> tuple[Any, Any, bool]:
-  """``(grads, params, as_pairs)`` from either accepted form."""
-  if isinstance(grads_and_vars, tuple) and len(grads_and_vars) == 2:
-    grads, params = grads_and_vars
-    return grads, params, False
-  if isinstance(grads_and_vars, (Mapping, str, bytes)) or not hasattr(
-    grads_and_vars, "__iter__"
-  ):
-    raise TypeError(
-      "`grads_and_vars` must be a list of (gradient, param) pairs or a "
-      f"(grads, params) tuple of pytrees, got {type(grads_and_vars).__name__}."
-    )
-  pairs = list(grads_and_vars)
-  if not pairs:
-    raise ValueError("`grads_and_vars` is empty: no gradients provided.")
-  for i, pair in enumerate(pairs):
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-      raise TypeError(
-        "`grads_and_vars` must be a list of (gradient, param) pairs or a "
-        f"(grads, params) tuple of pytrees; element {i} is a "
-        f"{type(pair).__name__}, not a pair."
-      )
-    if any(isinstance(x, (str, bytes)) for x in pair):
-      raise TypeError(
-        "`grads_and_vars` pairs strings, not arrays: element "
-        f"{i} is {tuple(pair)!r}. zip() over two dicts pairs their keys; pass "
-        "the pytrees as a tuple, `apply_gradients((grads, params))`, or "
-        "`zip(jax.tree.leaves(grads), jax.tree.leaves(params))`."
-      )
-  return [g for g, _ in pairs], [p for _, p in pairs], True
-
-
 class Stateful:
   """The state and steps shared by :class:`MovingAverage` and :class:`SWA`."""
 
@@ -70,10 +36,9 @@ class Stateful:
     kwargs: dict[str, Any],
     wrap: Callable[[optax.GradientTransformation], optax.GradientTransformation],
   ) -> None:
-    if not isinstance(name, str):
-      raise TypeError(f"`name` must be a str, got {type(name).__name__}: {name!r}.")
+    _validation.check_str(name, "name", show_type=True)
     inner, self._optimizer_config = _optimizers.build_optimizer(
-      optimizer, kwargs, type(self).__name__, stacklevel=4
+      optimizer, kwargs, type(self).__name__
     )
     self._by_name = isinstance(optimizer, str)
     self.name = name
@@ -190,12 +155,7 @@ class Stateful:
 
   @learning_rate.setter
   def learning_rate(self, value: Any) -> None:
-    if callable(value) or not _keras.is_real_number(value):
-      raise TypeError(
-        "`learning_rate` can only be assigned a float (a schedule must be given "
-        f"when the optimizer is built), got {type(value).__name__}: {value!r}."
-      )
-    _keras.check_learning_rate(value)
+    _validation.check_assigned_learning_rate(value)
     if self._state is not None:
       self._set_hyperparam("learning_rate", value)
       return
@@ -226,7 +186,7 @@ class Stateful:
     Returns:
       The new parameters: a list in the order of the pairs, or a pytree.
     """
-    grads, params, as_pairs = _split_grads_and_vars(grads_and_vars)
+    grads, params, as_pairs = _validation.split_grads_and_vars(grads_and_vars)
     new_params, _ = self._apply(grads, params)
     return list(new_params) if as_pairs else new_params
 
@@ -235,21 +195,7 @@ class Stateful:
     return var_list() if callable(var_list) else var_list
 
   def _gradients(self, loss: Any, params: Any, grad_loss: Any = None) -> Any:
-    if not callable(loss):
-      raise TypeError(
-        "`loss` must be a callable of the parameters, `loss(params) -> "
-        f"scalar`, got {type(loss).__name__}."
-      )
-    try:
-      takes_params = bool(inspect.signature(loss).parameters)
-    except (TypeError, ValueError):
-      takes_params = True
-    if not takes_params:
-      raise TypeError(
-        "`loss` takes no arguments: JAX differentiates a function of the "
-        "parameters, so pass `lambda params: ...` (the parameters come from "
-        "`var_list`)."
-      )
+    _validation.check_loss(loss)
     out, vjp = jax.vjp(loss, params)
     if grad_loss is None:
       cotangent = jnp.ones_like(out)
@@ -323,11 +269,9 @@ class Stateful:
 
     out = jax.tree_util.tree_map_with_path(pick, var_list, is_leaf=_tree_utils.is_none)
     if missing:
-      warnings.warn(
+      _warn.warn(
         f"{len(missing)} variable(s) have no average and are returned "
-        f"unchanged: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}.",
-        UserWarning,
-        stacklevel=2,
+        f"unchanged: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}."
       )
     return out
 

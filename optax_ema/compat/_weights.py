@@ -10,19 +10,15 @@ import numpy as np
 
 from optax_ema import _states
 from optax_ema import _tree_utils
+from optax_ema import _validation
 from optax_ema.compat import _stateful
 
 
 def initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  _validation.check_initializer(initializer)
   if isinstance(initializer, str):
-    if initializer == "zeros":
-      return jnp.zeros(shape, dtype)
-    if initializer == "ones":
-      return jnp.ones(shape, dtype)
-    raise ValueError(
-      "`initializer` must be 'zeros', 'ones', a number, an array or a callable "
-      f"`(shape, dtype) -> array`, got {initializer!r}."
-    )
+    make = jnp.zeros if initializer == "zeros" else jnp.ones
+    return make(shape, dtype)
   if callable(initializer):
     value = jnp.asarray(initializer(shape, dtype), dtype)
   elif isinstance(initializer, (int, float)) and not isinstance(initializer, bool):
@@ -126,14 +122,10 @@ class Weights(_stateful.Stateful):
     ``dtype`` defaults to float32; ``initializer`` is as in :meth:`add_slot`.
     Optimizer weights are not trainable: ``trainable=True`` is an error.
     """
-    if not isinstance(name, str):
-      raise TypeError(f"`name` must be a str, got {name!r}.")
+    _validation.check_str(name, "name")
     if name in self._extra_weights:
       raise ValueError(f"`name` {name!r} is already a weight of this optimizer.")
-    if trainable:
-      raise ValueError(
-        "`trainable` must be None or False: optimizer weights are not trained."
-      )
+    _validation.check_not_trainable(trainable)
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     value = initial_value(initializer, shape, jnp.dtype(dtype or jnp.float32))
     self._extra_weights[name] = value

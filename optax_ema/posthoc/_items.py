@@ -16,28 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.compute_on import compute_on
 
+from optax_ema import _validation
 from optax_ema.posthoc import _run
 from optax_ema.posthoc import _snapshots
 from optax_ema.posthoc import _state
 from optax_ema.posthoc._orbax import ocp
 
 _HOST_MEMORY = ("pinned_host", "unpinned_host")
-
-
-def check_storage_dtype(dtype: Any) -> np.dtype:
-  """``dtype`` as a NumPy floating point dtype; raises naming `dtype`."""
-  try:
-    out = np.dtype(dtype)
-  except TypeError:
-    raise TypeError(f"`dtype` must be a floating point dtype, got {dtype!r}.") from None
-  if not np.issubdtype(out, np.floating):
-    raise ValueError(f"`dtype` must be a floating point dtype, got {out.name}.")
-  if jax.dtypes.canonicalize_dtype(out) != out:
-    raise ValueError(
-      f"`dtype={out.name}` needs 64-bit JAX arrays: enable them with "
-      "`jax.config.update('jax_enable_x64', True)`, or store float32."
-    )
-  return out
 
 
 def _stored_value(leaf: Any) -> Any:
@@ -116,7 +101,7 @@ def storage_tree(
   Raises ValueError when a stored average is not finite (e.g. float16
   overflow).
   """
-  storage = check_storage_dtype(dtype)
+  storage = _validation.check_snapshot_dtype(dtype)
   state = _state.find_power_state(opt_state, caller)
   averages = _state.PowerEmaLayout.stored(state)
   keys = sorted(averages, key=float)
@@ -219,13 +204,7 @@ def snapshot_items(
     ...   print([s.step for s in posthoc.load_snapshots(d)])
     [1, 2, 3, 4]
   """
-  if not isinstance(run, _run.SnapshotRun):
-    raise TypeError(
-      f"`run` must be the posthoc.SnapshotRun of the checkpoint directory, got "
-      f"{type(run).__name__}: open one with "
-      "`with posthoc.SnapshotRun(directory) as run:` around your "
-      "CheckpointManager."
-    )
+  _validation.check_snapshot_run(run, _run.SnapshotRun)
   if run.closed:
     raise ValueError(
       f"`run` ({str(run.directory)!r}) is closed: save snapshot items inside "

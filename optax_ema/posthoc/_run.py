@@ -33,13 +33,13 @@ import os
 import pathlib
 import socket
 import uuid
-import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from optax_ema import _validation
+from optax_ema import _warn
 from optax_ema.posthoc import _snapshots
 from optax_ema.posthoc import _state
 from optax_ema.posthoc._orbax import ocp
@@ -50,53 +50,16 @@ _ID_BYTES = 16
 
 
 def local_directory(directory: Any, argument: str = "directory") -> pathlib.Path:
-  """``directory`` resolved, refusing URLs: a snapshot directory takes a lock."""
-  if not isinstance(directory, (str, os.PathLike)):
-    raise TypeError(
-      f"`{argument}` must be a path (a str or os.PathLike), got "
-      f"{type(directory).__name__}: an optimizer state passed first? The "
-      "directory comes first, e.g. `posthoc.save_snapshot(directory, opt_state)`."
-    )
-  text = os.fspath(directory)
-  if "://" in text:
-    raise ValueError(
-      f"`{argument}` {text!r} is a URL: snapshot directories must be on a "
-      "filesystem that can hold a lock (a local disk or NFS), which object "
-      "stores cannot. Write the snapshots to a local or NFS directory and "
-      "copy it to the bucket after training."
-    )
-  return pathlib.Path(text).resolve()
+  """``directory`` checked (a path, not a URL: it takes a lock) and resolved."""
+  return pathlib.Path(_validation.check_directory(directory, argument)).resolve()
 
 
 def resume_count(resume_from: Any, caller: str) -> int | None:
   """The count a run resumes from: an int, or the count of a power-EMA state."""
-  if resume_from is None:
-    return None
-  if isinstance(resume_from, (bool, np.bool_, float, str, bytes, os.PathLike)) or (
-    hasattr(resume_from, "dtype") and not jnp.issubdtype(resume_from.dtype, jnp.integer)
-  ):
-    raise TypeError(
-      "`resume_from` must be the restored optimizer state, or its count (an "
-      f"integer), got {type(resume_from).__name__}: {resume_from!r}."
-    )
-  if isinstance(resume_from, (int, np.integer)):
-    count = int(resume_from)
-  elif hasattr(resume_from, "dtype"):  # a NumPy or JAX integer array
-    if np.ndim(resume_from) != 0:
-      raise ValueError(
-        f"`resume_from` as a count must be a scalar, got shape {np.shape(resume_from)}."
-      )
-    count = int(np.asarray(jax.device_get(_first(resume_from))))
-  else:
-    state = _state.find_power_state(resume_from, caller)
-    count = int(np.asarray(jax.device_get(_first(_state.PowerEmaLayout.count(state)))))
-  if count < 0:
-    raise ValueError(f"`resume_from` must be a count >= 0, got {count}.")
-  return count
-
-
-def _first(x: Any) -> Any:
-  return x.addressable_data(0) if isinstance(x, jax.Array) else x
+  return _validation.check_resume_from(
+    resume_from,
+    lambda state: _state.PowerEmaLayout.count(_state.find_power_state(state, caller)),
+  )
 
 
 describe = _snapshots.describe_run  # how a message names a run
@@ -209,7 +172,7 @@ def _newer_step_folders(
   return sorted(out)
 
 
-def _move_newer(directory: pathlib.Path, count: int, who: str, stacklevel: int) -> None:
+def _move_newer(directory: pathlib.Path, count: int, who: str) -> None:
   """Moves the step folders after ``count`` aside, with a warning naming them."""
   newer = _newer_step_folders(directory, count)
   if not newer:
@@ -228,23 +191,21 @@ def _move_newer(directory: pathlib.Path, count: int, who: str, stacklevel: int) 
       "the other step folders (checkpoints) of steps "
       + _snapshots.list_steps(other_steps)
     )
-  warnings.warn(
+  _warn.warn(
     f"Continuing {who} in {str(directory)!r} from count {count}: "
     f"moved {' and '.join(what)}, newer than the restored state (an abandoned "
     f"trajectory), to {str(target)!r}. Open a CheckpointManager on the "
-    "directory after this, so that it sees them gone.",
-    UserWarning,
-    stacklevel=stacklevel,
+    "directory after this, so that it sees them gone."
   )
 
 
-def _decide(directory: pathlib.Path, count: int | None, stacklevel: int) -> str | None:
+def _decide(directory: pathlib.Path, count: int | None) -> str | None:
   """Process 0: the run identity for ``directory``, or ValueError."""
   snaps = [_snapshots.read(p) for p in _snapshots.step_dirs(directory)]
   snaps.sort(key=lambda s: s.step)  # the folders sort as strings
   if not snaps:
     if count is not None:
-      _move_newer(directory, count, "this run", stacklevel + 1)
+      _move_newer(directory, count, "this run")
     return uuid.uuid4().hex
   runs = runs_of(snaps)
   if len(runs) > 1:
@@ -262,7 +223,7 @@ def _decide(directory: pathlib.Path, count: int | None, stacklevel: int) -> str 
       "if this run continues that one from its checkpoint, pass "
       "`resume_from=opt_state` (the restored optimizer state) to continue it."
     )
-  _move_newer(directory, count, describe(run), stacklevel + 1)
+  _move_newer(directory, count, describe(run))
   return run
 
 
@@ -347,7 +308,6 @@ class SnapshotRun:
     directory: str | os.PathLike[str],
     *,
     resume_from: Any = None,
-    _stacklevel: int = 2,
   ) -> None:
     self.directory = local_directory(directory)
     count = resume_count(resume_from, "SnapshotRun")
@@ -357,7 +317,7 @@ class SnapshotRun:
       try:
         _check_not_a_step(self.directory)
         self._fd = _lock(self.directory)
-        run = _decide(self.directory, count, _stacklevel + 1)
+        run = _decide(self.directory, count)
       except Exception as err:  # any failure: the others wait for it
         ok, message = False, str(err)
         if not isinstance(err, (ValueError, OSError)):

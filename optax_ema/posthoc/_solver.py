@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +25,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from optax_ema import _power_math
+from optax_ema import _validation
+from optax_ema import _warn
 from optax_ema.posthoc import _snapshots
 
 # A target whose profile the stored ones fit with a relative L2 error above
@@ -151,37 +152,6 @@ def solve_weights(
   return coefficients, math.sqrt(max(float(residual2), 0.0) / target_norm2)
 
 
-def _check_sigma_rel(sigma_rel: Any) -> float:
-  if isinstance(sigma_rel, bool) or not isinstance(
-    sigma_rel, (int, float, np.floating, np.integer)
-  ):
-    raise TypeError(f"`sigma_rel` must be a float, got {sigma_rel!r}.")
-  value = float(sigma_rel)
-  if math.isnan(value) or not 0.0 < value <= _power_math.SIGMA_REL_MAX:
-    raise ValueError(
-      f"`sigma_rel` must be in (0, {_power_math.SIGMA_REL_MAX:.6f}] (the widest "
-      f"power-function profile), got {sigma_rel!r}."
-    )
-  return value
-
-
-def _check_step(snaps: Sequence[_snapshots.Snapshot], step: Any) -> int:
-  steps = [s.step for s in snaps]
-  if step is None:
-    return steps[-1]
-  if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-    raise TypeError(f"`step` must be None or an int, got {step!r}.")
-  if int(step) not in steps:
-    raise ValueError(
-      f"`step` must be the step of a snapshot (the average between snapshots "
-      f"is not stored), got {step}; the snapshots are at steps "
-      f"{_snapshots.list_steps(steps)}."
-    )
-  if int(step) <= 0:
-    raise ValueError(f"`step` must be > 0 (no update is averaged at step {step}).")
-  return int(step)
-
-
 def rows(
   snaps: Sequence[_snapshots.Snapshot], step: int
 ) -> list[tuple[_snapshots.Snapshot, int]]:
@@ -193,8 +163,8 @@ def select_weights(
   snaps: Sequence[_snapshots.Snapshot], sigma_rel: Any, step: Any
 ) -> ReconstructionWeights:
   """:class:`ReconstructionWeights` for loaded snapshots (checks the inputs)."""
-  sigma_rel = _check_sigma_rel(sigma_rel)
-  step = _check_step(snaps, step)
+  sigma_rel = _validation.check_sigma_rel(sigma_rel)
+  step = _validation.check_step(step, [s.step for s in snaps], _snapshots.list_steps)
   used = rows(snaps, step)
   tracked = sorted({float(s.sigma_rels[j]) for s, j in used})
   if len(tracked) < 2:
@@ -221,21 +191,20 @@ def warn_if_poorly_fit(
   """The one place that warns when ``weights.fit_error > FIT_ERROR_WARNING``.
 
   Callers that report the fit error themselves (a sweep) suppress it with
-  ``warnings.catch_warnings()``. The warning points at the caller of
-  :func:`reconstruct` / :func:`reconstruction_weights`.
+  ``warnings.catch_warnings()``. The warning points at the user's call of
+  :func:`reconstruct` / :func:`reconstruction_weights` (or whatever led
+  there).
   """
   if not weights.fit_error > FIT_ERROR_WARNING:
     return
   widths = ", ".join(f"{s:g}" for s in tracked)
-  warnings.warn(
+  _warn.warn(
     f"posthoc: the target sigma_rel={weights.sigma_rel:g} at step "
     f"{weights.step} is fit with a relative L2 error (fit_error) of "
     f"{weights.fit_error:.2f} (above {FIT_ERROR_WARNING:g}): the stored "
     f"profiles (sigma_rels {widths}) cannot express it well, and its average "
     "is an extrapolation. Track a width nearer to it "
-    "(`power_ema(sigma_rels=...)`), or save snapshots more often.",
-    UserWarning,
-    stacklevel=4,
+    "(`power_ema(sigma_rels=...)`), or save snapshots more often."
   )
 
 

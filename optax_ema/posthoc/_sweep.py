@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from optax_ema import _validation
+from optax_ema import _warn
 from optax_ema.posthoc import _reconstruct
 from optax_ema.posthoc import _snapshots
 from optax_ema.posthoc import _solver
@@ -75,18 +77,6 @@ def _scalar(v: Any) -> float:
   if np.ndim(v) != 0:
     raise TypeError(f"not a scalar: shape {np.shape(v)}")
   return float(v)
-
-
-def _check_sigma_rels(sigma_rels: Any) -> list[float]:
-  if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
-    raise TypeError(
-      f"`sigma_rels` must be a sequence of widths, got {sigma_rels!r}: e.g. "
-      "`np.geomspace(0.01, 0.25, 17)`."
-    )
-  widths = [_solver._check_sigma_rel(s) for s in sigma_rels]
-  if not widths:
-    raise ValueError("`sigma_rels` is empty: give at least one width.")
-  return widths
 
 
 def sweep(
@@ -151,9 +141,8 @@ def sweep(
     0.07 100 0.028 0.928
     0.1 100 0.000 0.893
   """
-  widths = _check_sigma_rels(sigma_rels)
-  if not callable(evaluate):
-    raise TypeError(f"`evaluate` must be a callable of the params, got {evaluate!r}.")
+  widths = _validation.check_sweep_widths(sigma_rels)
+  _validation.check_evaluate(evaluate)
   snaps = _snapshots.load_snapshots(directory)
   rows = []
   for sigma_rel in widths:
@@ -174,34 +163,21 @@ def sweep(
   poor = [r for r in rows if r.fit_error > _solver.FIT_ERROR_WARNING]
   if poor:
     listed = ", ".join(f"{r.sigma_rel:g} ({r.fit_error:.2f})" for r in poor)
-    warnings.warn(
+    _warn.warn(
       f"{len(poor)} of {len(rows)} widths are reconstructed with a fit_error "
       f"above {_solver.FIT_ERROR_WARNING}: {listed}. Their values stand for "
       "a profile other than the one asked for; track widths closer to them "
-      "or save snapshots more often.",
-      UserWarning,
-      stacklevel=2,
+      "or save snapshots more often."
     )
   return rows
 
 
 def _values(rows: Sequence[SweepRow], key: Any) -> tuple[np.ndarray, str]:
   first = rows[0].value
+  key = _validation.check_sweep_key(first, key)
   if isinstance(first, (Mapping, tuple)):
-    names = list(first) if isinstance(first, Mapping) else list(range(len(first)))
-    if key is None:
-      if len(names) != 1:
-        raise ValueError(
-          f"The rows hold several values ({names}): pass `key=` to pick the one "
-          "to plot."
-        )
-      key = names[0]
-    if key not in names:
-      raise ValueError(f"`key` must be one of {names}, got {key!r}.")
     label = str(key) if isinstance(first, Mapping) else f"value[{key}]"
     return np.array([float(r.value[key]) for r in rows]), label
-  if key is not None:
-    raise ValueError(f"The rows hold one value each: `key` must be None, got {key!r}.")
   return np.array([float(r.value) for r in rows]), "value"
 
 
@@ -262,8 +238,7 @@ def plot_sweep(
       "`demo` extra, `pip install optax-ema[demo]`)."
     ) from None
   rows = list(rows)
-  if not rows:
-    raise ValueError("`rows` is empty: pass the rows `posthoc.sweep` returned.")
+  _validation.check_rows(rows)
   order = np.argsort([r.sigma_rel for r in rows])
   rows = [rows[i] for i in order]
   values, label = _values(rows, key)

@@ -18,18 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from optax_ema import _validation
 from optax_ema.posthoc import _items
 from optax_ema.posthoc import _run
 from optax_ema.posthoc import _snapshots
 from optax_ema.posthoc._orbax import ocp
-
-
-def _check_every(every: Any) -> int | None:
-  if every is None:
-    return None
-  if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-    raise ValueError(f"`every` must be None or a positive int, got {every!r}.")
-  return int(every)
 
 
 class SnapshotWriter:
@@ -102,10 +95,9 @@ class SnapshotWriter:
     *,
     dtype: Any = np.float16,
     resume_from: Any = None,
-    _stacklevel: int = 3,  # SnapshotRun's warnings point at the caller
   ) -> None:
-    self.every = _check_every(every)
-    self.dtype = _items.check_storage_dtype(dtype)
+    self.every = _validation.check_every(every)
+    self.dtype = _validation.check_snapshot_dtype(dtype)
     self.directory = _run.local_directory(directory)
     self._implicit = False
     self._manager: Any = None
@@ -126,9 +118,7 @@ class SnapshotWriter:
         "process: save through it, or close it first."
       )
     else:
-      run = _run.SnapshotRun(
-        self.directory, resume_from=resume_from, _stacklevel=_stacklevel
-      )
+      run = _run.SnapshotRun(self.directory, resume_from=resume_from)
     self.run = run
     options = ocp.CheckpointManagerOptions(
       max_to_keep=None,
@@ -300,7 +290,7 @@ def save_snapshot(
   # Checks the state before claiming the directory: a refused state leaves
   # nothing behind.
   stored = _items.storage_tree(opt_state, dtype, "save_snapshot", None)
-  writer = SnapshotWriter(path, dtype=dtype, resume_from=resume_from, _stacklevel=4)
+  writer = SnapshotWriter(path, dtype=dtype, resume_from=resume_from)
   writer._implicit = True
   assert writer.run is not None
   stored[2]["run"] = writer.run.identity
