@@ -15,6 +15,8 @@ from flax import nnx
 
 import optax_ema
 
+import helpers
+
 
 class _Model(nnx.Module):
   def __init__(self, rngs):
@@ -57,9 +59,7 @@ def _train(steps=3, decay=0.6):
   for _ in range(steps):
     step(model, optimizer)
     trajectory.append(_pure_params(model))
-  want = trajectory[0]
-  for p in trajectory[1:]:
-    want = jax.tree.map(lambda a, q: a - (a - q) * (1 - decay), want, p)
+  want = helpers.np_ema(trajectory[0], trajectory[1:], [decay] * steps)
   return model, optimizer, trajectory, want
 
 
