@@ -111,11 +111,16 @@ def test_averaged_params_beat_raw_params_at_the_end_on_defaults():
     assert got[4:6] == pytest.approx(want[4:6], abs=0.05)  # losses
 
 
-def test_decay_column_follows_dynamic_decay_formula():
-  # moving_average(..., dynamic_decay=True): min(D, (1 + t) / (10 + t)).
-  assert demo.decay_at(0, 0.99) == pytest.approx(0.1)
-  assert demo.decay_at(90, 0.99) == pytest.approx(91 / 100)
-  assert demo.decay_at(5000, 0.99) == pytest.approx(0.99)
+def test_decay_column_is_the_dynamic_decay_of_the_last_step():
+  # moving_average(..., dynamic_decay=True) makes its update number t (t
+  # updates before it) with the decay min(D, (1 + t) / (10 + t)); at step 0
+  # no update was made yet. With D = 0.5 the cap holds from t = 8 on.
+  args = _default_args(steps=30, decay=0.5)
+  history = demo.run(args, progress_stream=io.StringIO())
+  assert history.steps == list(range(31))
+  assert history.decay[0] == 0.0
+  want = [min(0.5, (1 + t) / (10 + t)) for t in range(30)]
+  assert history.decay[1:] == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize(
