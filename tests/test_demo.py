@@ -43,6 +43,7 @@ def test_readme_demo_command_is_the_documented_one():
   assert command.removeprefix("$ ") == README_DEMO_COMMAND
 
 
+@pytest.mark.subprocess
 def test_short_run_without_plot_end_to_end(tmp_path):
   result = _run_demo("--steps", "50", "--no-plot", cwd=tmp_path)
   assert result.returncode == 0, result.stderr
@@ -147,6 +148,7 @@ def test_bad_argument_is_a_one_line_error_with_exit_code_2(argv, fragment, capsy
   assert fragment in captured.err
 
 
+@pytest.mark.subprocess
 def test_bad_argument_exits_2_from_the_command_line(tmp_path):
   result = _run_demo("--decay", "2", cwd=tmp_path)
   assert result.returncode == 2

@@ -141,6 +141,7 @@ def test_nnx_helpers_say_how_to_install_flax_when_it_is_missing(monkeypatch):
     optax_ema.averaged_nnx_model(model, object())
 
 
+@pytest.mark.subprocess
 def test_import_optax_ema_works_without_flax():
   code = (
     "import sys; sys.modules['flax'] = None; import optax_ema; "
