@@ -531,8 +531,9 @@ def machine() -> dict:
   }
 
 
-def render_markdown(report: dict) -> str:
-  m, mem = report["machine"], report["memory"]
+def _markdown_accuracy(report: dict) -> list[str]:
+  """The heading and the two accuracy tables."""
+  m = report["machine"]
   length, dim, _, _ = ACCURACY[report["config"]]
   lines = [
     f"Run {report['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} "
@@ -569,7 +570,12 @@ def render_markdown(report: dict) -> str:
       f"{r['edm2_fp16']:.2e} | {r['unnormalised_fp16']:.2e} | "
       f"{r['ours_fp32']:.2e} |"
     )
-  lines += [
+  return lines
+
+
+def _markdown_memory(mem: dict) -> list[str]:
+  """The memory and time table, and the bounds it holds."""
+  lines = [
     "",
     f"**Memory and time**: {mem['params']:,} float32 parameters in "
     f"{mem['leaves']} leaves, {mem['snapshots']} snapshots x {mem['profiles']} "
@@ -598,6 +604,11 @@ def render_markdown(report: dict) -> str:
   ]
   for c in mem["checks"]:
     lines.append(f"| {c['check']} | {c['value']:.0f} | {'yes' if c['ok'] else 'NO'} |")
+  return lines
+
+
+def render_markdown(report: dict) -> str:
+  lines = _markdown_accuracy(report) + _markdown_memory(report["memory"])
   return "\n".join(lines) + "\n"
 
 

@@ -166,6 +166,70 @@ def _memory() -> dict[str, int]:
   return {k: int(stats[k]) for k in keys if k in stats}
 
 
+_ANALYSIS_FIELDS = (
+  "argument_size_in_bytes",
+  "output_size_in_bytes",
+  "alias_size_in_bytes",
+  "temp_size_in_bytes",
+  "peak_memory_in_bytes",
+  "host_argument_size_in_bytes",
+  "host_temp_size_in_bytes",
+)
+
+
+def _timed(compiled: Any, params: Any, grads: Any, state: Any, steps: int) -> tuple:
+  """``(params, state, figures)``: single steps timed, then a run dispatched."""
+  for _ in range(2):  # warm up
+    params, state = compiled(params, grads, state)
+  jax.block_until_ready((params, state))
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    params, state = compiled(params, grads, state)
+    jax.block_until_ready((params, state))
+    times.append((time.perf_counter() - t) * 1e3)
+  n = STALL_STEPS if steps >= 10 else steps
+  t = time.perf_counter()
+  for _ in range(n):
+    params, state = compiled(params, grads, state)
+  dispatched = time.perf_counter() - t
+  jax.block_until_ready((params, state))
+  completed = time.perf_counter() - t
+  return (
+    params,
+    state,
+    {
+      "median_ms": statistics.median(times),
+      "min_ms": min(times),
+      "steps_timed": steps,
+      "stall_steps": n,
+      "dispatch_ms_per_step": dispatched / n * 1e3,
+      "complete_ms_per_step": completed / n * 1e3,
+      "dispatch_over_complete": dispatched / completed,
+    },
+  )
+
+
+def _program(compiled: Any, state: Any) -> dict[str, Any]:
+  """Where the state lives, and the gates and host copies the program holds."""
+  kinds = sorted(
+    {
+      str(x.sharding.memory_kind)
+      for x in jax.tree.leaves(state)
+      if hasattr(x, "sharding")
+    }
+  )
+  hlo = compiled.as_text()
+  return {
+    "state_memory_kinds": kinds,
+    "conditionals": hlo.count(" conditional("),
+    "loops": hlo.count(" while("),
+    "host_copies": sum(
+      1 for line in hlo.splitlines() if " copy-start(" in line and "S(5)" in line
+    ),
+  }
+
+
 def measure(name: str, size: str, layout: str, steps: int) -> dict[str, Any]:
   """One row: compile, init, time single steps, then 50 dispatched steps."""
   init, step = rows()[name]()
@@ -179,63 +243,18 @@ def measure(name: str, size: str, layout: str, steps: int) -> dict[str, Any]:
   compiled = jitted.lower(params, grads, state).compile()
   compile_s = time.perf_counter() - t0
   m = compiled.memory_analysis()
-  analysis = {
-    k: getattr(m, k, None)
-    for k in (
-      "argument_size_in_bytes",
-      "output_size_in_bytes",
-      "alias_size_in_bytes",
-      "temp_size_in_bytes",
-      "peak_memory_in_bytes",
-      "host_argument_size_in_bytes",
-      "host_temp_size_in_bytes",
-    )
-  }
-  jitted = compiled  # the steps run the executable compiled above
-  for _ in range(2):  # warm up
-    params, state = jitted(params, grads, state)
-  jax.block_until_ready((params, state))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    params, state = jitted(params, grads, state)
-    jax.block_until_ready((params, state))
-    times.append((time.perf_counter() - t) * 1e3)
-  n = STALL_STEPS if steps >= 10 else steps
-  t = time.perf_counter()
-  for _ in range(n):
-    params, state = jitted(params, grads, state)
-  dispatched = time.perf_counter() - t
-  jax.block_until_ready((params, state))
-  completed = time.perf_counter() - t
-  kinds = sorted(
-    {
-      str(x.sharding.memory_kind)
-      for x in jax.tree.leaves(state)
-      if hasattr(x, "sharding")
-    }
-  )
-  hlo = compiled.as_text()
+  analysis = {k: getattr(m, k, None) for k in _ANALYSIS_FIELDS}
+  # The steps run the executable compiled above.
+  params, state, timing = _timed(compiled, params, grads, state, steps)
   out = {
     "row": name,
     "num_params": sum(x.size for x in jax.tree.leaves(params)),
     "compile_s": compile_s,
-    "median_ms": statistics.median(times),
-    "min_ms": min(times),
-    "steps_timed": steps,
-    "stall_steps": n,
-    "dispatch_ms_per_step": dispatched / n * 1e3,
-    "complete_ms_per_step": completed / n * 1e3,
-    "dispatch_over_complete": dispatched / completed,
+    **timing,
     "memory_after_init": after_init,
     "memory_after_steps": _memory(),
     "memory_analysis": analysis,
-    "state_memory_kinds": kinds,
-    "conditionals": hlo.count(" conditional("),
-    "loops": hlo.count(" while("),
-    "host_copies": sum(
-      1 for line in hlo.splitlines() if " copy-start(" in line and "S(5)" in line
-    ),
+    **_program(compiled, state),
   }
   del params, state
   return out

@@ -238,7 +238,8 @@ class History:
 
   Attributes:
     steps: the number of optimizer steps done at each evaluation point.
-    decay: the decay the average used on the last of those steps.
+    decay: the decay the average used on the last of those steps, as
+      :func:`optax_ema.diagnostics` reports it (0 before the first step).
     raw_acc: test accuracy (a fraction) of the raw parameters.
     avg_acc: test accuracy of the averaged parameters.
     raw_loss: mean test cross-entropy of the raw parameters.
@@ -289,32 +290,13 @@ def _load_data(seed: int) -> tuple[Any, Any, Any, Any]:
   return x_train, y_train, x_test, y_test
 
 
-def decay_at(step: int, decay: float) -> float:
-  """The decay ``moving_average(..., dynamic_decay=True)`` uses at ``step``.
-
-  .. math::
-
-    d_t = \\min\\left(D, \\frac{1 + t}{10 + t}\\right)
-
-  Args:
-    step: ``t``, the number of updates applied before this one.
-    decay: ``D``, the ``average_decay``.
-
-  Returns:
-    The decay as a Python float.
-
-  Examples:
-    >>> from optax_ema import demo
-    >>> for step in (0, 5000):
-    ...   print(f"{demo.decay_at(step, 0.99):.4f}")
-    0.1000
-    0.9900
-  """
-  return min(decay, (1.0 + step) / (10.0 + step))
-
-
 def _setup(args: argparse.Namespace, data: list[Any]) -> tuple[Any, Any, Any, Any]:
-  """The model's TrainState, the data key, and the jitted train / evaluate."""
+  """The model's TrainState, the data key, and the jitted train / evaluate.
+
+  ``evaluate`` returns the raw and averaged params' test accuracy and loss,
+  and the decay of the average's last step (from
+  :func:`optax_ema.diagnostics`).
+  """
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -357,7 +339,7 @@ def _setup(args: argparse.Namespace, data: list[Any]) -> tuple[Any, Any, Any, An
     return jax.lax.fori_loop(0, num_steps, body, state)
 
   @jax.jit
-  def evaluate(state: Any) -> jax.Array:
+  def evaluate(state: Any) -> tuple[jax.Array, jax.Array]:
     def metrics(params: Any) -> jax.Array:
       logits: Any = model.apply({"params": params}, x_test)  # no mutable state
       acc = jnp.mean(jnp.argmax(logits, -1) == y_test)
@@ -365,7 +347,8 @@ def _setup(args: argparse.Namespace, data: list[Any]) -> tuple[Any, Any, Any, An
       return jnp.stack([acc, loss])
 
     averaged = optax_ema.averaged_params(state.opt_state, state.params)
-    return jnp.stack([metrics(state.params), metrics(averaged)])
+    decay = optax_ema.diagnostics(state.opt_state, state.params)["decay"]
+    return jnp.stack([metrics(state.params), metrics(averaged)]), decay
 
   return state, data_key, train, evaluate
 
@@ -421,9 +404,10 @@ def run(args: argparse.Namespace, progress_stream: TextIO | None = None) -> Hist
   for step in eval_steps:
     state = train(state, data_key, jnp.asarray(step - done, jnp.int32))
     done = step
-    (raw_acc, raw_loss), (avg_acc, avg_loss) = np.asarray(evaluate(state)).tolist()
+    measured, decay = evaluate(state)
+    (raw_acc, raw_loss), (avg_acc, avg_loss) = np.asarray(measured).tolist()
     history.steps.append(step)
-    history.decay.append(decay_at(max(step - 1, 0), args.decay))
+    history.decay.append(float(decay))
     history.raw_acc.append(raw_acc)
     history.avg_acc.append(avg_acc)
     history.raw_loss.append(raw_loss)

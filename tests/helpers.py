@@ -4,8 +4,11 @@ Expected values in the tests come from these few lines of NumPy written from
 the update rules (never from the code under test):
 
 - EMA: ``average <- average - (average - x) * (1 - decay)``, ``x`` the params
-  after the step (TFA's ``sequential_update=True``);
+  after the step (TFA's ``sequential_update=True``), the decay a float32
+  number as the library's;
 - SGD: ``params <- params - lr * grads``.
+
+The EMA is written once (``np_ema_step``); the other references build on it.
 """
 
 from __future__ import annotations
@@ -83,13 +86,62 @@ def np_sgd(params: Any, grads_seq: Any, lr: float) -> list[Any]:
   return out
 
 
+def np_ema_step(average: Any, x: Any, decay: float) -> Any:
+  """One EMA step in float64, ``decay`` rounded to float32 first."""
+  d = float(np.float32(decay))
+  return jax.tree.map(
+    lambda a, y: a - (a - np.asarray(y, np.float64)) * (1.0 - d), average, x
+  )
+
+
 def np_ema(start: Any, values: Any, decays: Any) -> Any:
   """The EMA of ``values`` from ``start``, one (float32-rounded) decay each."""
   a = as_np(start)
   for x, d in zip(values, decays, strict=True):
-    d = float(np.float32(d))
-    a = jax.tree.map(lambda a_, x_, d=d: a_ - (a_ - x_) * (1.0 - d), a, x)
+    a = np_ema_step(a, x, d)
   return a
+
+
+def np_sgd_ema(params: Any, grads_seq: Any, lr: float, decay: float) -> tuple:
+  """``(params, average)`` after SGD on ``grads_seq``, averaging after each step."""
+  trajectory = np_sgd(params, grads_seq, lr)
+  return trajectory[-1], np_ema(params, trajectory, [decay] * len(trajectory))
+
+
+def np_run_emas(
+  trajectory: Any,
+  decays: Any,
+  *,
+  convention: str = "copy",
+  update_every: int = 1,
+) -> list[Any]:
+  """The EMAs a training run's parameters should have, one per decay.
+
+  Args:
+    trajectory: the parameters before step 1, after step 1, after step 2...
+      (any iterable: it is read once, so a generator keeps one step in memory).
+    decays: the decay of each average.
+    convention: ``"copy"``, TFA's and optax_ema's: an average starts at the
+      parameters before step 1; ``"keras"``: step 1 copies the new parameters
+      into it (Keras' ``use_ema``).
+    update_every: ``k``: an average moves only after steps ``k, 2k, ...``,
+      with the decay of ``k`` steps, ``decay ** k``.
+
+  Returns:
+    The averages in float64, one tree shaped like a step's parameters per
+    decay.
+  """
+  steps = iter(trajectory)
+  averages = [as_np(next(steps))] * len(decays)  # each step makes new trees
+  for t, x in enumerate(steps, start=1):
+    if convention == "keras" and t == 1:
+      averages = [np_ema_step(a, x, 0.0) for a in averages]
+    elif t % update_every == 0:
+      averages = [
+        np_ema_step(a, x, d**update_every)
+        for a, d in zip(averages, decays, strict=True)
+      ]
+  return averages
 
 
 def assert_tree_close(got: Any, want: Any, rtol: float = 1e-6, atol: float = 1e-7):

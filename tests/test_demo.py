@@ -43,6 +43,7 @@ def test_readme_demo_command_is_the_documented_one():
   assert command.removeprefix("$ ") == README_DEMO_COMMAND
 
 
+@pytest.mark.subprocess
 def test_short_run_without_plot_end_to_end(tmp_path):
   result = _run_demo("--steps", "50", "--no-plot", cwd=tmp_path)
   assert result.returncode == 0, result.stderr
@@ -111,11 +112,16 @@ def test_averaged_params_beat_raw_params_at_the_end_on_defaults():
     assert got[4:6] == pytest.approx(want[4:6], abs=0.05)  # losses
 
 
-def test_decay_column_follows_dynamic_decay_formula():
-  # moving_average(..., dynamic_decay=True): min(D, (1 + t) / (10 + t)).
-  assert demo.decay_at(0, 0.99) == pytest.approx(0.1)
-  assert demo.decay_at(90, 0.99) == pytest.approx(91 / 100)
-  assert demo.decay_at(5000, 0.99) == pytest.approx(0.99)
+def test_decay_column_is_the_dynamic_decay_of_the_last_step():
+  # moving_average(..., dynamic_decay=True) makes its update number t (t
+  # updates before it) with the decay min(D, (1 + t) / (10 + t)); at step 0
+  # no update was made yet. With D = 0.5 the cap holds from t = 8 on.
+  args = _default_args(steps=30, decay=0.5)
+  history = demo.run(args, progress_stream=io.StringIO())
+  assert history.steps == list(range(31))
+  assert history.decay[0] == 0.0
+  want = [min(0.5, (1 + t) / (10 + t)) for t in range(30)]
+  assert history.decay[1:] == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -142,6 +148,7 @@ def test_bad_argument_is_a_one_line_error_with_exit_code_2(argv, fragment, capsy
   assert fragment in captured.err
 
 
+@pytest.mark.subprocess
 def test_bad_argument_exits_2_from_the_command_line(tmp_path):
   result = _run_demo("--decay", "2", cwd=tmp_path)
   assert result.returncode == 2

@@ -18,6 +18,8 @@ import pytest
 
 import optax_ema
 
+pytestmark = pytest.mark.sphinx  # the tests read the site one build makes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 README = (ROOT / "README.md").read_text(encoding="utf-8")

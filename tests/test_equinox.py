@@ -126,6 +126,7 @@ def test_an_update_may_be_none_only_where_the_leaf_is_not_floating_point():
     tx.update({"w": None, "n": None}, state, params)
 
 
+@pytest.mark.subprocess
 def test_import_optax_ema_does_not_import_equinox():
   code = "import sys, optax_ema; print('equinox' in sys.modules)"
   out = subprocess.run(

@@ -17,6 +17,8 @@ from flax.training import train_state
 
 import optax_ema
 
+import helpers
+
 
 class _MLP(nn.Module):
   @nn.compact
@@ -35,15 +37,6 @@ def _data():
   x = rng.normal(size=(16, 3)).astype(np.float32)
   y = (x @ np.array([1.0, -2.0, 0.5], np.float32))[:, None]
   return jnp.asarray(x), jnp.asarray(y)
-
-
-def _np_ema(trajectory, decay):
-  avg = {k: np.asarray(v, np.float64) for k, v in trajectory[0].items()}
-  for p in trajectory[1:]:
-    avg = {
-      k: avg[k] - (avg[k] - np.asarray(p[k], np.float64)) * (1 - decay) for k in avg
-    }
-  return avg
 
 
 def _linear_state(tx):
@@ -74,7 +67,7 @@ def test_apply_gradients_trains_exactly_like_the_wrapped_optimizer():
     jax.tree.leaves(ema.params), jax.tree.leaves(plain.params), strict=True
   ):
     np.testing.assert_array_equal(a, b)
-  want = _np_ema([{"w": t["w"], "b": t["b"]} for t in trajectory], 0.8)
+  want = helpers.np_ema(trajectory[0], trajectory[1:], [0.8] * 4)
   got = optax_ema.averaged_params(ema)  # found inside the TrainState itself
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)

@@ -15,6 +15,8 @@ from flax import nnx
 
 import optax_ema
 
+import helpers
+
 
 class _Model(nnx.Module):
   def __init__(self, rngs):
@@ -57,9 +59,7 @@ def _train(steps=3, decay=0.6):
   for _ in range(steps):
     step(model, optimizer)
     trajectory.append(_pure_params(model))
-  want = trajectory[0]
-  for p in trajectory[1:]:
-    want = jax.tree.map(lambda a, q: a - (a - q) * (1 - decay), want, p)
+  want = helpers.np_ema(trajectory[0], trajectory[1:], [decay] * steps)
   return model, optimizer, trajectory, want
 
 
@@ -141,6 +141,7 @@ def test_nnx_helpers_say_how_to_install_flax_when_it_is_missing(monkeypatch):
     optax_ema.averaged_nnx_model(model, object())
 
 
+@pytest.mark.subprocess
 def test_import_optax_ema_works_without_flax():
   code = (
     "import sys; sys.modules['flax'] = None; import optax_ema; "

@@ -72,7 +72,18 @@ def test_every_guide_has_python_examples():
   assert len(RUNNABLE) >= 20
 
 
-@pytest.mark.parametrize(("name", "index", "block"), RUNNABLE, ids=_ids(RUNNABLE))
+def _marked(cases):
+  """The cases, a block that writes Orbax checkpoints marked ``orbax``."""
+  out = []
+  for name, index, block in cases:
+    marks = [pytest.mark.orbax] if "import orbax" in block.source else []
+    out.append(pytest.param(name, index, block, marks=marks))
+  return out
+
+
+@pytest.mark.parametrize(
+  ("name", "index", "block"), _marked(RUNNABLE), ids=_ids(RUNNABLE)
+)
 def test_guide_python_block_runs(name, index, block, tmp_path, monkeypatch):
   del index
   monkeypatch.chdir(tmp_path)  # blocks that write files write them here

@@ -165,6 +165,33 @@ def _compat_zip_of_dicts():
   return opt.apply_gradients(zip(grads, PARAMS, strict=True))
 
 
+# The cases that write or read Orbax checkpoints (post-hoc snapshots, saved
+# states), marked `orbax` so that the fast run (a plain `pytest`) leaves
+# them out.
+NEEDS_ORBAX = {
+  "post-hoc: a new run writing to a directory of an earlier run",
+  "post-hoc: reading the snapshots of two runs together",
+  "post-hoc: `like` with a leaf no snapshot stores (a new head)",
+  "post-hoc: a writer on a snapshot's step folder (resuming or not)",
+  "restore_checkpoint of a step the manager does not hold",
+  "post-hoc: resume_from as a float count",
+  "post-hoc: a target width far outside the tracked ones",
+  "a 0.1.0 checkpoint restored with today's target by restore_checkpoint",
+}
+
+
+def _cases(table):
+  """The rows of a table as parameters named by their first item."""
+  return [
+    pytest.param(
+      *row[1:],
+      id=row[0],
+      marks=[pytest.mark.orbax] if row[0] in NEEDS_ORBAX else [],
+    )
+    for row in table
+  ]
+
+
 MISTAKES = [
   # (mistake, call, exception, words the message must contain)
   (
@@ -557,11 +584,7 @@ MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize(
-  ("call", "error", "words"),
-  [row[1:] for row in MISTAKES],
-  ids=[row[0] for row in MISTAKES],
-)
+@pytest.mark.parametrize(("call", "error", "words"), _cases(MISTAKES))
 def test_mistake_raises_a_message_that_names_it(call, error, words):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # an error, not a warning first
@@ -678,11 +701,7 @@ WARNINGS = [
 ]
 
 
-@pytest.mark.parametrize(
-  ("call", "warning", "words"),
-  [row[1:] for row in WARNINGS],
-  ids=[row[0] for row in WARNINGS],
-)
+@pytest.mark.parametrize(("call", "warning", "words"), _cases(WARNINGS))
 def test_ambiguous_configuration_warns_naming_it(call, warning, words):
   with pytest.warns(warning) as record:
     call()
@@ -821,9 +840,7 @@ IN_GRAPH = [
 ]
 
 
-@pytest.mark.parametrize(
-  ("call", "want"), [row[1:] for row in IN_GRAPH], ids=[row[0] for row in IN_GRAPH]
-)
+@pytest.mark.parametrize(("call", "want"), _cases(IN_GRAPH))
 def test_in_graph_rule_gives_its_visible_result(call, want):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no warning either: a rule, and its result
@@ -876,3 +893,8 @@ def test_inject_hyperparams_with_bfloat16_params_and_a_float32_hyperparam_dtype(
   got = float(state.inner_state.average["w"][0, 0])
   assert got == pytest.approx(want, rel=1e-7)
   assert got < 1.0
+
+
+def test_every_case_marked_orbax_is_in_a_table():
+  names = {row[0] for row in MISTAKES + WARNINGS + IN_GRAPH}
+  assert names >= NEEDS_ORBAX

@@ -9,9 +9,12 @@ always killed.
 import pathlib
 
 import numpy as np
+import pytest
 
 import multihost_worker
 import processes
+
+pytestmark = pytest.mark.multiprocess
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 90

@@ -7,6 +7,8 @@ import nbclient
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.notebook  # the tests read one execution
+
 NOTEBOOK = (
   pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 )

@@ -298,6 +298,7 @@ def test_state_shardings_place_averages_on_host_and_moments_on_device():
   assert jax.tree.leaves(got) == jax.tree.leaves(shardings)
 
 
+@pytest.mark.orbax
 def test_orbax_round_trip_restores_into_host_memory(tmp_path):
   mesh = _mesh()
   params = _params(mesh)

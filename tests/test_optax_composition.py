@@ -1,8 +1,8 @@
 """moving_average composed with optax's own wrappers.
 
-Expected values come from a few lines of NumPy written from the update rule
-``average <- average - (average - x) * (1 - decay)`` with ``x`` the params
-after the step, never from the code under test.
+Expected values come from the NumPy references of ``helpers`` (the update
+rule ``average <- average - (average - x) * (1 - decay)`` with ``x`` the
+params after the step), never from the code under test.
 """
 
 import jax
@@ -27,38 +27,25 @@ def _params():
   return {"a": jnp.array([1.0, 2.0]), "b": jnp.array([-1.0])}
 
 
-def _np_sgd_ema(params, grads_seq, lr, decay, scale=None):
-  """NumPy reference: SGD (with an optional per-step gradient transform)."""
-  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-  avg = {k: v.copy() for k, v in p.items()}
-  for g in grads_seq:
-    g = {k: np.asarray(v, np.float64) for k, v in g.items()}
-    if scale is not None:
-      g = scale(g)
-    p = {k: p[k] - lr * g[k] for k in p}
-    avg = {k: avg[k] - (avg[k] - p[k]) * (1 - decay) for k in p}
-  return p, avg
-
-
 def _assert_tree_close(got, want):
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6, atol=1e-7)
 
 
-def _clip_np(max_norm):
-  def clip(g):
+def _clipped(grads_seq, max_norm):
+  """NumPy's optax.clip_by_global_norm of each gradient, in float64."""
+  out = []
+  for g in map(helpers.as_np, grads_seq):
     norm = np.sqrt(sum(np.sum(v**2) for v in g.values()))
-    factor = min(1.0, max_norm / norm)
-    return {k: v * factor for k, v in g.items()}
-
-  return clip
+    out.append({k: v * min(1.0, max_norm / norm) for k, v in g.items()})
+  return out
 
 
 def test_outer_wrapper_around_a_chain_matches_numpy():
   inner = optax.chain(optax.clip_by_global_norm(0.3), optax.sgd(LR))
   tx = optax_ema.moving_average(inner, average_decay=0.8)
   params, state = helpers.run(tx, _params(), GRADS, jit=False)
-  want_p, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.8, scale=_clip_np(0.3))
+  want_p, want_avg = helpers.np_sgd_ema(_params(), _clipped(GRADS, 0.3), LR, 0.8)
   _assert_tree_close(params, want_p)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)
 
@@ -69,7 +56,7 @@ def test_last_element_of_chain_matches_numpy():
     optax_ema.moving_average(optax.sgd(LR), average_decay=0.8),
   )
   params, state = helpers.run(tx, _params(), GRADS, jit=False)
-  want_p, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.8, scale=_clip_np(0.3))
+  want_p, want_avg = helpers.np_sgd_ema(_params(), _clipped(GRADS, 0.3), LR, 0.8)
   _assert_tree_close(params, want_p)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)
 
@@ -80,7 +67,7 @@ def test_inside_named_chain_is_found_by_name_and_by_search():
     ("ema", optax_ema.moving_average(optax.sgd(LR), average_decay=0.6)),
   )
   _, state = helpers.run(tx, _params(), GRADS, jit=False)
-  _, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.6)
+  _, want_avg = helpers.np_sgd_ema(_params(), GRADS, LR, 0.6)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)
   _assert_tree_close(optax_ema.averaged_params(state["ema"]), want_avg)
 
@@ -92,7 +79,7 @@ def test_inject_hyperparams_wraps_moving_average_directly():
     optimizer=optax.sgd(LR), average_decay=0.6
   )
   _, state = helpers.run(tx, _params(), GRADS, jit=False)
-  _, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.6)
+  _, want_avg = helpers.np_sgd_ema(_params(), GRADS, LR, 0.6)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)
 
 
@@ -115,10 +102,9 @@ def test_inject_hyperparams_changes_decay_at_run_time_without_retracing():
   params, state = step(params, state, GRADS[1])
   assert len(traces) == 1
 
-  p0 = {k: np.asarray(v, np.float64) for k, v in _params().items()}
-  p1, avg1 = _np_sgd_ema(p0, GRADS[:1], LR, 0.5)
-  p2 = {k: p1[k] - LR * GRADS[1][k] for k in p1}
-  want = {k: avg1[k] - (avg1[k] - p2[k]) * (1 - 0.9) for k in p1}
+  p1, avg1 = helpers.np_sgd_ema(_params(), GRADS[:1], LR, 0.5)
+  (p2,) = helpers.np_sgd(p1, GRADS[1:2], LR)
+  want = helpers.np_ema_step(avg1, p2, 0.9)
   _assert_tree_close(optax_ema.averaged_params(state), want)
 
 
@@ -142,7 +128,7 @@ def test_multisteps_moves_average_only_on_every_kth_step():
     key: np.mean([np.asarray(g[key], np.float64) for g in GRADS], axis=0)
     for key in start
   }
-  _, want_avg = _np_sgd_ema(start, [mean_grad], LR, 0.5)
+  _, want_avg = helpers.np_sgd_ema(start, [mean_grad], LR, 0.5)
   assert int(ma_state.count) == 1
   _assert_tree_close(avg, want_avg)
 
@@ -184,7 +170,7 @@ def test_apply_if_finite_inside_with_skip_nonfinite_leaves_average_untouched():
 def test_skip_nonfinite_keeps_previous_average_and_count():
   tx = optax_ema.moving_average(optax.sgd(LR), average_decay=0.5, skip_nonfinite=True)
   params, state = helpers.run(tx, _params(), GRADS[:1], jit=False)
-  _, want_avg = _np_sgd_ema(_params(), GRADS[:1], LR, 0.5)
+  _, want_avg = helpers.np_sgd_ema(_params(), GRADS[:1], LR, 0.5)
   updates, state = tx.update(_nan_grads(), state, params)
   poisoned = optax.apply_updates(params, updates)
   assert not np.all(np.isfinite(poisoned["a"]))  # the bad step is passed on
@@ -193,7 +179,7 @@ def test_skip_nonfinite_keeps_previous_average_and_count():
   # The next good step continues from the kept average.
   updates, state = tx.update(GRADS[1], state, params)
   params = optax.apply_updates(params, updates)
-  _, want_avg = _np_sgd_ema(_params(), GRADS[:2], LR, 0.5)
+  _, want_avg = helpers.np_sgd_ema(_params(), GRADS[:2], LR, 0.5)
   _assert_tree_close(state.average, want_avg)
   assert int(state.count) == 2
 
@@ -211,7 +197,7 @@ def test_masked_around_moving_average_averages_only_selected_leaves():
     {"a": True, "b": False},
   )
   params, state = helpers.run(tx, _params(), GRADS, jit=False)
-  _want_p, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.5)
+  _want_p, want_avg = helpers.np_sgd_ema(_params(), GRADS, LR, 0.5)
   # optax.masked passes the unselected gradients through unchanged.
   want_b = np.asarray(_params()["b"]) + sum(g["b"] for g in GRADS)
   np.testing.assert_allclose(params["b"], want_b, rtol=1e-6)
@@ -230,8 +216,8 @@ def test_multi_transform_with_moving_average_on_one_partition():
     {"a": "ema", "b": "plain"},
   )
   params, state = helpers.run(tx, _params(), GRADS, jit=False)
-  want_p, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.5)
-  want_b, _ = _np_sgd_ema(
+  want_p, want_avg = helpers.np_sgd_ema(_params(), GRADS, LR, 0.5)
+  want_b, _ = helpers.np_sgd_ema(
     {"b": _params()["b"]}, [{"b": g["b"]} for g in GRADS], 2 * LR, 0.5
   )
   _assert_tree_close(params, {"a": want_p["a"], "b": want_b["b"]})
@@ -281,5 +267,5 @@ def test_runs_under_jit_and_scan_like_the_eager_loop(wrap):
     for g in GRADS:
       carry, _ = jax.jit(body)(carry, g)
     params, state = carry
-  _, want_avg = _np_sgd_ema(_params(), GRADS, LR, 0.7)
+  _, want_avg = helpers.np_sgd_ema(_params(), GRADS, LR, 0.7)
   _assert_tree_close(optax_ema.averaged_params(state), want_avg)

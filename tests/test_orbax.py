@@ -59,6 +59,7 @@ def _assert_trees_identical(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.orbax
 def test_checkpoint_restore_and_continue_is_bit_identical(tmp_path):
   tx = _tx()
   step = _make_step(tx)
@@ -85,6 +86,7 @@ def test_checkpoint_restore_and_continue_is_bit_identical(tmp_path):
 
 
 @pytest.mark.parametrize("what", ["wrapped_state", "whole_old_state"])
+@pytest.mark.orbax
 def test_pre_ema_checkpoint_resumes_through_resume_with_average(tmp_path, what):
   old_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05))
   old_step = _make_step(old_tx)

@@ -16,6 +16,8 @@ import tarfile
 import pytest
 import trove_classifiers
 
+pytestmark = pytest.mark.subprocess  # hatchling builds the sdist
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = ["tests/test_sharding.py"]
 

@@ -160,6 +160,7 @@ def test_a_tracked_profile_at_a_snapshot_step_is_its_own_snapshot():
   assert err < 1e-6
 
 
+@pytest.mark.orbax
 def test_weights_use_only_snapshots_up_to_the_target_step(walk):
   directory, _, _ = walk
   w = posthoc.reconstruction_weights(directory, 0.07, step=300)
@@ -173,6 +174,7 @@ def test_weights_use_only_snapshots_up_to_the_target_step(walk):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.orbax
 def test_a_constant_parameter_reconstructs_to_itself_for_any_target(tmp_path, dtype):
   traj = np.full((201, 8), 1.25)  # exact in float16 too
   _drive(tmp_path, traj, every=100, dtype=dtype)  # two snapshots, as the README
@@ -186,6 +188,7 @@ def test_a_constant_parameter_reconstructs_to_itself_for_any_target(tmp_path, dt
 
 @pytest.mark.parametrize("sigma_rel", [0.03, 0.07, 0.15])
 @pytest.mark.parametrize("step", [T, T // 2])
+@pytest.mark.orbax
 def test_random_walk_with_drift_is_reconstructed_as_edm2_does(walk, sigma_rel, step):
   directory, traj, kept = walk
   direct = ref_power_average(traj[1 : step + 1], ref_gamma(sigma_rel))
@@ -198,6 +201,7 @@ def test_random_walk_with_drift_is_reconstructed_as_edm2_does(walk, sigma_rel, s
   assert _rel(got, direct) < 3e-3
 
 
+@pytest.mark.orbax
 def test_device_and_host_paths_agree(walk):
   directory, traj, _ = walk
   host = posthoc.reconstruct(directory, 0.07)
@@ -207,6 +211,7 @@ def test_device_and_host_paths_agree(walk):
   np.testing.assert_allclose(np.asarray(device), host, rtol=1e-6)
 
 
+@pytest.mark.orbax
 def test_tracked_width_is_recovered_from_its_snapshot(walk):
   directory, _, kept = walk
   for sigma_rel in (0.05, 0.10):
@@ -214,6 +219,7 @@ def test_tracked_width_is_recovered_from_its_snapshot(walk):
     np.testing.assert_allclose(got, kept[500, sigma_rel], rtol=1e-6)
 
 
+@pytest.mark.orbax
 def test_float16_storage_costs_little(tmp_path, walk):
   _, traj, _ = walk
   _drive(tmp_path, traj, every=100, dtype=np.float16)
@@ -224,6 +230,7 @@ def test_float16_storage_costs_little(tmp_path, walk):
 # --- the target step -------------------------------------------------------------
 
 
+@pytest.mark.orbax
 def test_a_step_between_snapshots_is_an_error_listing_the_steps(tmp_path):
   _drive(tmp_path, np.full((41, 4), 1.0), every=20)
   with pytest.raises(ValueError, match=r"step of a snapshot.*got 30.*steps 20, 40"):
@@ -232,12 +239,14 @@ def test_a_step_between_snapshots_is_an_error_listing_the_steps(tmp_path):
     posthoc.reconstruction_weights(tmp_path, 0.07, step=41)
 
 
+@pytest.mark.orbax
 def test_default_step_is_the_last_snapshot(walk):
   directory, _, _ = walk
   assert posthoc.reconstruction_weights(directory, 0.07).step == T
 
 
 @pytest.mark.parametrize("step", [2.0, True, "10"])
+@pytest.mark.orbax
 def test_step_of_another_type_is_an_error(walk, step):
   directory, _, _ = walk
   with pytest.raises(TypeError, match="`step` must be None or an int"):
@@ -247,6 +256,7 @@ def test_step_of_another_type_is_an_error(walk, step):
 # --- bad input -------------------------------------------------------------------
 
 
+@pytest.mark.orbax
 def test_one_profile_only_is_an_error(tmp_path):
   _drive(tmp_path, np.zeros((21, 3)), every=10, sigma_rels=(0.05,))
   with pytest.raises(ValueError, match=r"at least two profiles .* got only \[0.05\]"):
@@ -254,6 +264,7 @@ def test_one_profile_only_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("sigma_rel", [0.0, -0.05, 0.31, float("nan")])
+@pytest.mark.orbax
 def test_sigma_rel_outside_solvable_range_is_an_error(walk, sigma_rel):
   directory, _, _ = walk
   with pytest.raises(ValueError, match=r"`sigma_rel` must be in \(0, 0.300283\]"):
@@ -266,6 +277,7 @@ def test_repeated_profile_is_an_error():
     posthoc.solve_weights([10, 10], [g, g], 10, g)
 
 
+@pytest.mark.orbax
 def test_profiles_read_in_chunks_give_the_same_result(tmp_path, monkeypatch):
   tx = optax_ema.power_ema(optax.sgd(0.1), sigma_rels=(0.05, 0.10))
   params = {"a": jnp.zeros(6), "b": jnp.zeros(2)}
@@ -297,6 +309,7 @@ def test_the_fit_error_threshold_is_a_tenth():
   assert _solver.FIT_ERROR_WARNING == 0.1
 
 
+@pytest.mark.orbax
 def test_a_poorly_fit_target_warns_exactly_when_its_fit_error_exceeds_a_tenth(
   tmp_path,
 ):
@@ -322,6 +335,7 @@ def test_a_poorly_fit_target_warns_exactly_when_its_fit_error_exceeds_a_tenth(
   assert seen[True] >= 2 and seen[False] >= 2  # both sides of the threshold
 
 
+@pytest.mark.orbax
 def test_a_tracked_width_at_a_snapshot_step_never_warns(walk):
   directory, _, _ = walk
   with warnings.catch_warnings():
@@ -332,6 +346,7 @@ def test_a_tracked_width_at_a_snapshot_step_never_warns(walk):
         assert fit.fit_error < 1e-6
 
 
+@pytest.mark.orbax
 def test_the_warning_can_be_silenced_by_the_caller(tmp_path):
   _drive(tmp_path, _random_walk_with_drift(200, dim=2), every=100)
   with warnings.catch_warnings():

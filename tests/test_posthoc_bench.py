@@ -11,6 +11,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_posthoc.py"
 
@@ -40,6 +41,8 @@ def test_the_model_has_the_documented_size():
   assert abs(n - 64_000_000) < 0.01 * 64_000_000 and len(shapes) == 195
 
 
+@pytest.mark.orbax
+@pytest.mark.subprocess
 def test_quick_run_writes_its_results_and_holds_its_bounds(tmp_path):
   out = tmp_path / "bench_posthoc.json"
   bench.main(["--quick", "--out", str(out)])  # raises if a bound fails

@@ -17,6 +17,8 @@ import pytest
 import optax_ema
 from optax_ema import posthoc
 
+pytestmark = pytest.mark.orbax  # every test writes its snapshots first
+
 
 def _gamma(sigma_rel):
   t = sigma_rel**-2
@@ -45,6 +47,7 @@ def _cli(*args):
   )
 
 
+@pytest.mark.subprocess
 def test_command_line_reconstructs_to_an_orbax_checkpoint(tmp_path):
   _snapshots(tmp_path / "snaps")
   out = tmp_path / "ema"
@@ -65,6 +68,7 @@ def test_command_line_reconstructs_to_an_orbax_checkpoint(tmp_path):
   assert metadata["sigma_rel"] == 0.1 and metadata["step"] == 30
 
 
+@pytest.mark.subprocess
 def test_command_line_step_and_snapshots_alias(tmp_path):
   _snapshots(tmp_path / "snaps")
   out = tmp_path / "ema"
@@ -115,6 +119,7 @@ def test_command_line_reports_a_single_profile(tmp_path, capsys):
   assert "at least two profiles" in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 def test_command_line_warns_once_for_a_poorly_fit_target(tmp_path):
   _snapshots(tmp_path / "snaps")
   proc = _cli(tmp_path / "snaps", "--sigma-rel", "0.01", "--out", tmp_path / "ema")

@@ -48,6 +48,8 @@ def test_guide_has_a_complete_example_and_commands():
   assert len(COMMANDS) == 2
 
 
+@pytest.mark.orbax
+@pytest.mark.subprocess
 def test_guide_code_and_commands_run(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   namespace = {"__name__": "__guide__"}

@@ -10,11 +10,14 @@ one run identity. Bounded by a timeout; the processes are always killed.
 import pathlib
 
 import numpy as np
+import pytest
 
 from optax_ema import posthoc
 
 import posthoc_multihost_worker as worker
 import processes
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.orbax]
 
 NUM_PROCESSES = 2
 TIMEOUT_S = 120

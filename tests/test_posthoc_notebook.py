@@ -10,6 +10,7 @@ import shutil
 
 import nbclient
 import nbformat
+import pytest
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "posthoc.ipynb"
 
@@ -33,6 +34,7 @@ def _sweep(text):
   return rows
 
 
+@pytest.mark.notebook
 def test_posthoc_notebook_executes_and_reconstructs(tmp_path):
   copy = tmp_path / NOTEBOOK.name
   shutil.copy(NOTEBOOK, copy)

@@ -76,6 +76,7 @@ def _listing(directory):
 # --- one identity per run ------------------------------------------------------
 
 
+@pytest.mark.orbax
 def test_the_snapshots_of_a_run_share_its_identity_and_runs_differ(tmp_path):
   states = _states(40, 10)
   first = _write(tmp_path / "a", [states[10], states[20]])
@@ -87,6 +88,7 @@ def test_the_snapshots_of_a_run_share_its_identity_and_runs_differ(tmp_path):
   assert meta["format"] == "optax_ema.posthoc/3" and meta["run"] == first
 
 
+@pytest.mark.orbax
 def test_save_snapshot_keeps_one_run_per_directory_and_process(tmp_path):
   states = _states(30, 10)
   for t in (10, 20):
@@ -98,6 +100,7 @@ def test_save_snapshot_keeps_one_run_per_directory_and_process(tmp_path):
   assert runs == {writer.run.identity}
 
 
+@pytest.mark.orbax
 def test_resume_from_is_refused_where_this_process_already_writes(tmp_path):
   states = _states(20, 10)
   posthoc.save_snapshot(tmp_path, states[10])
@@ -110,6 +113,7 @@ def test_resume_from_is_refused_where_this_process_already_writes(tmp_path):
 # --- a new run is refused where another one wrote --------------------------------
 
 
+@pytest.mark.orbax
 def test_a_new_writer_is_refused_in_a_directory_of_another_run(tmp_path):
   states = _states(30, 10)
   run = _write(tmp_path, [states[10], states[20]])
@@ -126,6 +130,7 @@ def test_a_new_writer_is_refused_in_a_directory_of_another_run(tmp_path):
   assert _write(tmp_path, [states[30]], resume_from=states[20]) == run
 
 
+@pytest.mark.orbax
 def test_continuing_adopts_the_identity_and_moves_the_newer_snapshots_aside(
   tmp_path,
 ):
@@ -156,6 +161,7 @@ def test_continuing_adopts_the_identity_and_moves_the_newer_snapshots_aside(
   assert (tmp_path / "snaps.abandoned-after-20.2" / "30").is_dir()
 
 
+@pytest.mark.orbax
 def test_continuing_from_the_latest_snapshot_moves_nothing_and_warns_nothing(
   tmp_path,
 ):
@@ -176,6 +182,7 @@ def test_resume_from_must_be_a_state_or_a_count(tmp_path, bad):
 
 
 @pytest.mark.parametrize("kind", ["jax", "numpy"])
+@pytest.mark.orbax
 def test_resume_from_takes_the_count_as_an_integer_array(tmp_path, kind):
   states = _states(30, 10)
   run = _write(tmp_path, [states[t] for t in (10, 20, 30)])
@@ -188,6 +195,7 @@ def test_resume_from_takes_the_count_as_an_integer_array(tmp_path, kind):
 
 
 @pytest.mark.parametrize("inside", ["30", "30/power_ema", "30/new"])
+@pytest.mark.orbax
 def test_a_writer_is_refused_in_a_snapshot_step_folder_or_below(tmp_path, inside):
   states = _states(30, 10)
   _write(tmp_path, [states[t] for t in (10, 20, 30)])
@@ -236,6 +244,8 @@ time.sleep(600)
 """
 
 
+@pytest.mark.orbax
+@pytest.mark.subprocess
 def test_the_lock_is_held_across_processes_and_released_when_its_holder_dies(
   tmp_path,
 ):
@@ -284,6 +294,7 @@ def test_an_object_store_url_is_refused_as_it_cannot_be_locked(url):
 # --- reading refuses to combine runs ---------------------------------------------
 
 
+@pytest.mark.orbax
 def test_load_snapshots_refuses_two_runs_and_lists_them_with_their_steps(tmp_path):
   states = _states(40, 10)
   first = _write(tmp_path / "a", [states[10], states[20]])
@@ -308,6 +319,7 @@ def test_load_snapshots_refuses_two_runs_and_lists_them_with_their_steps(tmp_pat
     posthoc.SnapshotWriter(tmp_path / "a", resume_from=20)
 
 
+@pytest.mark.orbax
 def test_the_command_line_reports_two_runs_as_an_error(tmp_path, capsys):
   states = _states(20, 10)
   _write(tmp_path / "a", [states[10]])
@@ -330,6 +342,7 @@ def test_snapshot_items_need_an_open_run(tmp_path):
     posthoc.snapshot_items(state, run)
 
 
+@pytest.mark.orbax
 def test_snapshot_items_continue_a_run_like_a_writer(tmp_path):
   states = _states(30, 10)
   with posthoc.SnapshotRun(tmp_path) as run, ocp.CheckpointManager(tmp_path) as mgr:
@@ -344,6 +357,7 @@ def test_snapshot_items_continue_a_run_like_a_writer(tmp_path):
   assert [s.step for s in posthoc.load_snapshots(tmp_path)] == [10, 20]
 
 
+@pytest.mark.orbax
 def test_continuing_moves_every_newer_step_folder_so_a_manager_saves_again(
   tmp_path,
 ):
@@ -377,6 +391,7 @@ def test_continuing_moves_every_newer_step_folder_so_a_manager_saves_again(
 
 
 @pytest.mark.parametrize("corrupt", ["not json {", '{"format": "optax_ema.posthoc/3"}'])
+@pytest.mark.orbax
 def test_corrupt_snapshot_metadata_is_an_error_naming_its_path(tmp_path, corrupt):
   states = _states(20, 10)
   _write(tmp_path, [states[10], states[20]])
@@ -418,6 +433,7 @@ def test_every_failure_of_process_0_reaches_the_other_processes(tmp_path, monkey
 # --- format optax_ema.posthoc/2 ------------------------------------------------------
 
 
+@pytest.mark.orbax
 def test_snapshots_of_format_2_still_load_and_reconstruct():
   snaps = posthoc.load_snapshots(FORMAT2)
   assert [s.step for s in snaps] == [10, 20, 30]
@@ -429,12 +445,14 @@ def test_snapshots_of_format_2_still_load_and_reconstruct():
   np.testing.assert_allclose(got["w"], _power_average_of_steps(20, 0.05), rtol=1e-5)
 
 
+@pytest.mark.orbax
 def test_the_command_line_lists_format_2_as_a_run_without_identity(capsys):
   assert posthoc.main([str(FORMAT2), "--list"]) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[1] == "run: none (format optax_ema.posthoc/2)"
 
 
+@pytest.mark.orbax
 def test_a_directory_of_format_2_is_continued_only_when_asked(tmp_path):
   directory = tmp_path / "old"
   shutil.copytree(FORMAT2, directory)

@@ -79,6 +79,7 @@ def _held_commits(monkeypatch):
 # --- layout ----------------------------------------------------------------------
 
 
+@pytest.mark.orbax
 def test_a_snapshot_is_a_committed_orbax_step_with_two_items(tmp_path):
   _params, state = _climb({"a": {"w": jnp.zeros((2, 3))}, "b": [jnp.zeros(4)]}, 10)
   path = posthoc.save_snapshot(tmp_path, state)
@@ -109,6 +110,7 @@ def test_a_snapshot_is_a_committed_orbax_step_with_two_items(tmp_path):
   np.testing.assert_array_equal(w, np.float16(_power_average_of_steps(10, 0.10)))
 
 
+@pytest.mark.orbax
 def test_non_float_leaves_are_stored_and_keys_and_masked_leaves_are_not(tmp_path):
   params = {"w": jnp.zeros(3), "i": jnp.arange(2), "k": jax.random.key(0), "n": None}
   tx = optax_ema.power_ema(
@@ -126,6 +128,7 @@ def test_non_float_leaves_are_stored_and_keys_and_masked_leaves_are_not(tmp_path
 # --- asynchronous and atomic writes --------------------------------------------------
 
 
+@pytest.mark.orbax
 def test_save_returns_before_the_write_commits(tmp_path, monkeypatch):
   gate, parked = _held_commits(monkeypatch)
   params, state = _climb({"w": jnp.zeros(3)}, 5)
@@ -141,6 +144,7 @@ def test_save_returns_before_the_write_commits(tmp_path, monkeypatch):
   assert path.is_dir() and [s.step for s in posthoc.load_snapshots(tmp_path)] == [5]
 
 
+@pytest.mark.orbax
 def test_reads_in_the_same_process_see_every_snapshot_saved_before(
   tmp_path, monkeypatch
 ):
@@ -155,6 +159,7 @@ def test_reads_in_the_same_process_see_every_snapshot_saved_before(
     gate.set()
 
 
+@pytest.mark.orbax
 def test_load_snapshots_reads_metadata_only(tmp_path, monkeypatch):
   _, state = _climb({"w": jnp.zeros(3)}, 4)
   posthoc.save_snapshot(tmp_path, state)
@@ -212,6 +217,8 @@ def _wait_for_line(proc, line, timeout):
       return
 
 
+@pytest.mark.orbax
+@pytest.mark.subprocess
 def test_a_writer_killed_mid_write_leaves_a_readable_directory(tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   env["JAX_PLATFORMS"] = "cpu"
@@ -280,6 +287,7 @@ def _sharded_run(directory, mesh):
   return params, state
 
 
+@pytest.mark.orbax
 def test_sharded_round_trip_on_eight_devices(tmp_path):
   mesh = _mesh()
   _params, state = _sharded_run(tmp_path / "sharded", mesh)
@@ -307,6 +315,7 @@ def test_sharded_round_trip_on_eight_devices(tmp_path):
   )
 
 
+@pytest.mark.orbax
 def test_offloaded_profiles_are_cast_where_they_live(tmp_path):
   mesh = _mesh()
   host = NamedSharding(mesh, P("data", "model"), memory_kind="pinned_host")
@@ -345,6 +354,7 @@ def _masked_run(directory):
   return params
 
 
+@pytest.mark.orbax
 def test_like_supplies_the_leaves_that_are_not_averaged(tmp_path):
   params = _masked_run(tmp_path)
   like = {
@@ -359,6 +369,7 @@ def test_like_supplies_the_leaves_that_are_not_averaged(tmp_path):
   assert got["extra"] is None
 
 
+@pytest.mark.orbax
 def test_like_without_a_value_where_nothing_is_stored_is_an_error(tmp_path):
   params = _masked_run(tmp_path)
   like = {
@@ -370,6 +381,7 @@ def test_like_without_a_value_where_nothing_is_stored_is_an_error(tmp_path):
     posthoc.reconstruct(tmp_path, 0.05, like=like)
 
 
+@pytest.mark.orbax
 def test_like_with_a_leaf_no_snapshot_stores_is_an_error(tmp_path):
   # A new head added after training: not silently taken from `like`.
   params = _masked_run(tmp_path)
@@ -384,6 +396,7 @@ def test_like_with_a_leaf_no_snapshot_stores_is_an_error(tmp_path):
   assert got["frozen"] is params["frozen"]
 
 
+@pytest.mark.orbax
 def test_two_power_ema_states_are_refused_with_a_call_that_fits(tmp_path):
   tx = optax_ema.power_ema(optax.sgd(1.0))
   params = {"w": jnp.zeros(2)}
@@ -402,6 +415,7 @@ def test_two_power_ema_states_are_refused_with_a_call_that_fits(tmp_path):
   posthoc.save_snapshot(tmp_path / "fixed", (one, one)[0])  # the fix works
 
 
+@pytest.mark.orbax
 def test_like_of_another_structure_or_shape_is_an_error(tmp_path):
   _, state = _climb({"w": jnp.zeros(3)}, 4)
   posthoc.save_snapshot(tmp_path, state)
@@ -416,6 +430,7 @@ def test_like_of_another_structure_or_shape_is_an_error(tmp_path):
 # --- beside your own CheckpointManager ---------------------------------------------
 
 
+@pytest.mark.orbax
 def test_snapshot_items_fit_in_your_own_checkpoint_manager(tmp_path):
   tx = optax_ema.power_ema(optax.sgd(1.0), sigma_rels=(0.05, 0.10))
   params = {"w": jnp.zeros(2)}
@@ -447,6 +462,7 @@ def test_float16_overflow_is_an_error_and_writes_nothing(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.orbax
 def test_steps_must_increase(tmp_path):
   _, state10 = _climb({"w": jnp.zeros(2)}, 10)
   _, state20 = _climb({"w": jnp.zeros(2)}, 20)
@@ -460,12 +476,14 @@ def test_steps_must_increase(tmp_path):
       writer.save(state20)
 
 
+@pytest.mark.orbax
 def test_a_state_that_averaged_nothing_yet_is_not_saved(tmp_path):
   state = optax_ema.power_ema(optax.sgd(0.1)).init({"w": jnp.zeros(2)})
   with pytest.raises(ValueError, match="averaged nothing yet"):
     posthoc.save_snapshot(tmp_path, state)
 
 
+@pytest.mark.orbax
 def test_saving_again_before_the_next_real_step_says_why(tmp_path):
   # Inside MultiSteps the count is of real steps: a micro-step adds none.
   tx = optax.MultiSteps(optax_ema.power_ema(optax.sgd(0.1)), 2)
@@ -482,6 +500,7 @@ def test_saving_again_before_the_next_real_step_says_why(tmp_path):
           writer.save(state)
 
 
+@pytest.mark.orbax
 def test_one_open_writer_per_directory(tmp_path):
   _, state = _climb({"w": jnp.zeros(2)}, 3)
   with posthoc.SnapshotWriter(tmp_path):
@@ -497,6 +516,7 @@ def test_saving_a_state_without_power_ema_is_an_error(tmp_path):
     posthoc.save_snapshot(tmp_path, state)
 
 
+@pytest.mark.orbax
 def test_the_power_ema_state_is_found_inside_a_chain(tmp_path):
   tx = optax.chain(optax.clip(1.0), optax_ema.power_ema(optax.sgd(0.1)))
   params = {"w": jnp.ones(2)}
@@ -516,6 +536,7 @@ def test_writer_rejects_non_float_dtype(tmp_path):
     posthoc.SnapshotWriter(tmp_path, dtype=np.int8)
 
 
+@pytest.mark.orbax
 def test_calling_a_writer_without_every_is_an_error(tmp_path):
   _, state = _climb({"w": jnp.zeros(2)}, 1)
   with posthoc.SnapshotWriter(tmp_path) as writer:
@@ -532,6 +553,7 @@ def test_no_snapshots_is_an_error(tmp_path):
     posthoc.load_snapshots(tmp_path / "missing")
 
 
+@pytest.mark.orbax
 def test_snapshots_of_different_trees_are_an_error(tmp_path):
   for name, params, n in [("a", {"w": jnp.zeros(3)}, 2), ("b", {"v": jnp.zeros(3)}, 4)]:
     posthoc.save_snapshot(tmp_path / name, _climb(params, n)[1])
@@ -544,6 +566,7 @@ def test_snapshots_of_different_trees_are_an_error(tmp_path):
     posthoc.load_snapshots([tmp_path / "a", tmp_path / "a"])
 
 
+@pytest.mark.orbax
 def test_a_step_of_another_format_is_an_error(tmp_path):
   with ocp.CheckpointManager(tmp_path) as manager:
     manager.save(1, args=ocp.args.Composite(power_ema_meta=ocp.args.JsonSave({})))
@@ -551,6 +574,7 @@ def test_a_step_of_another_format_is_an_error(tmp_path):
     posthoc.load_snapshots(tmp_path)
 
 
+@pytest.mark.orbax
 def test_a_step_directory_is_read_as_one_snapshot(tmp_path):
   _, state = _climb({"w": jnp.zeros(2)}, 3)
   path = posthoc.save_snapshot(tmp_path, state)
@@ -594,6 +618,7 @@ except ImportError as err:
 """
 
 
+@pytest.mark.subprocess
 def test_without_orbax_the_package_imports_and_posthoc_says_what_to_install(
   tmp_path,
 ):
@@ -611,6 +636,7 @@ def test_without_orbax_the_package_imports_and_posthoc_says_what_to_install(
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.orbax
 def test_training_may_donate_the_state_while_snapshots_are_written(tmp_path, dtype):
   tx = optax_ema.power_ema(optax.sgd(1.0))
 

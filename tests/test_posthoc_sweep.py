@@ -67,6 +67,7 @@ class _Recorder:
     return {"mean": jnp.mean(params["w"]), "first": params["w"][0]}
 
 
+@pytest.mark.orbax
 def test_rows_are_the_reconstructions_width_by_width(run):
   directory, _, params = run
   evaluate = _Recorder()
@@ -84,6 +85,7 @@ def test_rows_are_the_reconstructions_width_by_width(run):
 
 
 @pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
+@pytest.mark.orbax
 def test_a_tracked_width_is_the_numpy_power_average(run, sigma_rel):
   directory, traj, _ = run
   (row,) = posthoc.sweep(directory, [sigma_rel], lambda p: p["w"][3])
@@ -92,6 +94,7 @@ def test_a_tracked_width_is_the_numpy_power_average(run, sigma_rel):
   assert row.fit_error < 1e-6
 
 
+@pytest.mark.orbax
 def test_an_earlier_step_uses_the_snapshots_up_to_it(run):
   directory, traj, _ = run
   (row,) = posthoc.sweep(directory, [0.10], lambda p: p["w"][0], step=200)
@@ -100,6 +103,7 @@ def test_an_earlier_step_uses_the_snapshots_up_to_it(run):
   np.testing.assert_allclose(row.value, want, rtol=1e-5)
 
 
+@pytest.mark.orbax
 def test_tuples_and_scalars_come_back_as_floats(run):
   directory, _, params = run
   (row,) = posthoc.sweep(directory, [0.07], lambda p: (p["w"][0], 2), like=params)
@@ -109,6 +113,7 @@ def test_tuples_and_scalars_come_back_as_floats(run):
   assert type(row.value) is float
 
 
+@pytest.mark.orbax
 def test_poor_fits_warn_once_listing_the_widths(run):
   directory, _, _ = run
   with warnings.catch_warnings(record=True) as caught:
@@ -123,6 +128,7 @@ def test_poor_fits_warn_once_listing_the_widths(run):
   assert "0.07" not in message
 
 
+@pytest.mark.orbax
 def test_per_width_fit_warnings_are_folded_into_one(run, monkeypatch):
   directory, _, _ = run
   original = _reconstruct.reconstruct
@@ -149,6 +155,7 @@ def test_per_width_fit_warnings_are_folded_into_one(run, monkeypatch):
   assert len(other) == 3  # other warnings are not swallowed
 
 
+@pytest.mark.orbax
 def test_no_warning_when_every_width_fits(run):
   directory, _, _ = run
   with warnings.catch_warnings():
@@ -157,6 +164,7 @@ def test_no_warning_when_every_width_fits(run):
   assert max(r.fit_error for r in rows) < 0.1
 
 
+@pytest.mark.orbax
 def test_like_is_checked(run):
   directory, _, _ = run
   with pytest.raises(ValueError, match="shapes of the snapshots"):
@@ -171,6 +179,7 @@ def test_like_is_checked(run):
     ([0.07, 0.5], ValueError, "`sigma_rel` must be in"),
   ],
 )
+@pytest.mark.orbax
 def test_bad_widths_raise_before_any_evaluation(run, sigma_rels, error, match):
   directory, _, _ = run
   evaluate = _Recorder()
@@ -179,6 +188,7 @@ def test_bad_widths_raise_before_any_evaluation(run, sigma_rels, error, match):
   assert evaluate.calls == []
 
 
+@pytest.mark.orbax
 def test_evaluate_must_return_numbers(run):
   directory, _, _ = run
   with pytest.raises(TypeError, match="`evaluate` must return a number"):
@@ -188,6 +198,7 @@ def test_evaluate_must_return_numbers(run):
 # --- plot_sweep ----------------------------------------------------------------
 
 
+@pytest.mark.orbax
 def test_plot_marks_the_tracked_widths_and_poor_fits(run, monkeypatch):
   directory, _, _ = run
   import matplotlib.pyplot as plt

@@ -11,11 +11,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "docs" / "posthoc_sweep.py"
 GUIDE = (ROOT / "docs" / "guides" / "posthoc.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.subprocess
 def test_digits_sweep_has_the_guides_optimum_inside_the_range(tmp_path):
   out = tmp_path / "sweep.png"
   result = subprocess.run(

@@ -10,6 +10,7 @@ import contextlib
 import io
 import pathlib
 
+import pytest
 from markdown_blocks import python_blocks
 
 GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs/guides/sharded_training.md"
@@ -19,6 +20,7 @@ def _lines(text):
   return [line.rstrip() for line in text.strip("\n").splitlines()]
 
 
+@pytest.mark.orbax
 def test_sharded_training_guide_runs_in_order(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   blocks = python_blocks(GUIDE.read_text(encoding="utf-8"))

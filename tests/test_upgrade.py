@@ -19,6 +19,8 @@ import optax_ema
 
 import v0_1_0
 
+pytestmark = pytest.mark.orbax  # the fixtures are Orbax checkpoints
+
 
 def _restore(name):
   with ocp.CheckpointManager(v0_1_0.ROOT / name) as manager:

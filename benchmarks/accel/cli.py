@@ -30,6 +30,40 @@ def _write(path: str, report: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
+def _new_report(name: str) -> dict[str, Any]:
+  return {
+    "matrix": name,
+    "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "versions": targets.versions(),
+    "machine": {
+      "python": sys.version.split()[0],
+      "cpus": os.cpu_count(),
+      "platform": platform.platform(),
+    },
+    "results": [],
+    "errors": [],
+  }
+
+
+def _resumed(report: dict[str, Any], out: str) -> set[str]:
+  """Takes the results of ``<out>.json`` into ``report``; the keys of their jobs."""
+  with open(out + ".json") as f:
+    old = json.load(f)
+  report["results"] = old["results"]
+  fields = ("target", "model", "program", "layout", "sharding", "row")
+  return {matrix.Job(**{k: r[k] for k in fields}).key for r in old["results"]}
+
+
+def _finish(report: dict[str, Any], out: str) -> None:
+  """The ratios, then ``<out>.json``, ``.md`` (the tables) and ``.txt``."""
+  matrix.ratios(report["results"])
+  _write(out + ".json", report)
+  with open(out + ".md", "w") as f:
+    f.write(tables.markdown(report))
+  with open(out + ".txt", "w") as f:
+    f.write("\n".join(tables.line(r) for r in report["results"]) + "\n")
+
+
 def run(
   name: str,
   out: str,
@@ -42,29 +76,10 @@ def run(
   jobs = [j for j in matrix.plan(name) if only in j.key]
   if platform_name:
     jobs = [j for j in jobs if targets.TARGETS[j.target].platform == platform_name]
-  report: dict[str, Any] = {
-    "matrix": name,
-    "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "versions": targets.versions(),
-    "machine": {
-      "python": sys.version.split()[0],
-      "cpus": os.cpu_count(),
-      "platform": platform.platform(),
-    },
-    "results": [],
-    "errors": [],
-  }
+  report = _new_report(name)
   done: set[str] = set()
   if resume and os.path.exists(out + ".json"):
-    with open(out + ".json") as f:
-      old = json.load(f)
-    report["results"] = old["results"]
-    done = {
-      matrix.Job(
-        **{k: r[k] for k in ("target", "model", "program", "layout", "sharding", "row")}
-      ).key
-      for r in old["results"]
-    }
+    done = _resumed(report, out)
   t0 = time.perf_counter()
   for i, job in enumerate(jobs):
     if job.key in done:
@@ -89,12 +104,7 @@ def run(
         flush=True,
       )
   report["elapsed_s"] = time.perf_counter() - t0
-  matrix.ratios(report["results"])
-  _write(out + ".json", report)
-  with open(out + ".md", "w") as f:
-    f.write(tables.markdown(report))
-  with open(out + ".txt", "w") as f:
-    f.write("\n".join(tables.line(r) for r in report["results"]) + "\n")
+  _finish(report, out)
   return report
 
 
@@ -189,7 +199,7 @@ def write_docs(results_dir: str) -> None:
   print(text)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     description="Compile-only analysis for TPU pods and GPUs."
   )
@@ -232,29 +242,43 @@ def main(argv: list[str] | None = None) -> None:
     help="reproduce the XLA:TPU limits without optax_ema (accel_limits.json)",
   )
   parser.add_argument("--list", action="store_true", help="print the jobs and exit")
-  args = parser.parse_args(argv)
-  results_dir = os.path.join("benchmarks", "results")
+  return parser
+
+
+def _side_task(args: argparse.Namespace, results_dir: str) -> bool:
+  """Runs ``--merge``, ``--docs``, ``--recipe``, ``--limits`` or ``--list``.
+
+  Returns whether one of them ran (then there is no matrix to compile).
+  """
   if args.merge:
     merge(results_dir)
   if args.docs:
     write_docs(results_dir)
   if args.docs or args.merge:
-    return
+    return True
   if args.recipe:
     found = recipe.collectives()
     report = {"versions": targets.versions(), "collectives": found}
     _write(os.path.join(results_dir, "accel_recipe.json"), report)
     print(json.dumps(found, indent=1))
-    return
+    return True
   if args.limits:
     report = {"versions": targets.versions(), "temporaries": limits.run()}
     _write(os.path.join(results_dir, "accel_limits.json"), report)
     print(json.dumps(report["temporaries"], indent=1))
-    return
+    return True
   if args.list:
     for job in matrix.plan(args.matrix):
       if args.only in job.key:
         print(job.key)
+    return True
+  return False
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = build_parser().parse_args(argv)
+  results_dir = os.path.join("benchmarks", "results")
+  if _side_task(args, results_dir):
     return
   if args.matrix in ("dry-run", "cpu") and jax.device_count("cpu") < 8:
     raise SystemExit(
