@@ -162,6 +162,7 @@ def _snapshots(directory, counts, every=10):
   return states
 
 
+@pytest.mark.orbax
 @pytest.mark.parametrize("how", ["SnapshotWriter", "SnapshotRun", "save_snapshot"])
 def test_continuing_a_run_warns_at_the_call_that_opens_it(tmp_path, how):
   states = _snapshots(tmp_path, [10, 20])
@@ -183,6 +184,7 @@ def snapshot_dir(tmp_path_factory):
   return directory
 
 
+@pytest.mark.orbax
 @pytest.mark.parametrize("how", ["reconstruction_weights", "reconstruct"])
 def test_a_poor_fit_warns_at_the_reconstructing_call(snapshot_dir, how):
   call = getattr(posthoc, how)
@@ -191,6 +193,7 @@ def test_a_poor_fit_warns_at_the_reconstructing_call(snapshot_dir, how):
   assert [r.filename for r in record] == [__file__] * len(record)
 
 
+@pytest.mark.orbax
 def test_a_sweep_warns_once_at_its_call(snapshot_dir):
   with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
