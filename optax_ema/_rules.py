@@ -267,8 +267,8 @@ class PerLeaf(Rule):
 
   per_leaf = True
 
-  def __init__(self, prefix: Any, name: str = "average_decay") -> None:
-    self.prefix, self.name = prefix, name
+  def __init__(self, prefix: Any) -> None:
+    self.prefix = prefix
 
   def _rules(self) -> list[Rule]:
     return jax.tree.leaves(self.prefix, is_leaf=lambda x: isinstance(x, Rule))
@@ -292,7 +292,7 @@ class PerLeaf(Rule):
       )
     except ValueError as err:
       raise ValueError(
-        f"`{self.name}` per_leaf tree must be a pytree prefix of the params "
+        "`average_decay` per_leaf tree must be a pytree prefix of the params "
         f"(a decay or schedule where a whole subtree shares it): {err}"
       ) from None
     return jax.tree.leaves(full, is_leaf=is_rule)

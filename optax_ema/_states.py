@@ -191,6 +191,11 @@ class MovingAverageState(NamedTuple):
   step_size: Any
 
 
+# Declared here, named where users import it from (and where pickles and
+# earlier versions look it up).
+MovingAverageState.__module__ = "optax_ema._moving_average"
+
+
 @_register
 class MovingAverageLayout(Layout):
   """:class:`MovingAverageState`: one average, or :class:`~optax_ema.Averages`."""
@@ -285,6 +290,11 @@ class PowerEmaState(NamedTuple):
   # `count` shadows tuple.count, as in optax's states; the field name is the
   # layout of users' checkpoints.
   count: jax.Array  # type: ignore[assignment]
+
+
+# Declared here, named where users import it from (and where pickles and
+# earlier versions look it up).
+PowerEmaState.__module__ = "optax_ema._power_ema"
 
 
 def sigma_rel_key(sigma_rel: float) -> str:
@@ -395,6 +405,11 @@ class SWAState(NamedTuple):
   # layout of users' checkpoints.
   count: jax.Array  # type: ignore[assignment]
   step_size: jax.Array
+
+
+# Declared here, named where users import it from (and where pickles and
+# earlier versions look it up).
+SWAState.__module__ = "optax_ema._swa"
 
 
 @_register

@@ -9,68 +9,38 @@ through their layouts only: they import no transformation's module.
 import ast
 import pathlib
 import pickle
+import sys
 
 import jax
-import jax.numpy as jnp
 import optax
 import pytest
 
 import optax_ema
-from optax_ema import schedules
 
-_PICKLES = pathlib.Path(__file__).resolve().parent / "pickles"
 _PACKAGE = pathlib.Path(optax_ema.__file__).resolve().parent
+sys.path.insert(0, str(pathlib.Path(__file__).with_name("pickles")))
 
-# The configurations of tests/pickles/make.py, and the state type each makes.
-_PARAMS = {
-  "w": jnp.arange(3.0),
-  "b": jnp.ones(2, jnp.bfloat16),
-  "n": jnp.asarray(4, jnp.int32),
-}
-_CASES = {
-  "moving_average": (
-    lambda: optax_ema.moving_average(optax.sgd(0.1), 0.9),
-    optax_ema.MovingAverageState,
-  ),
-  "moving_average_several_debiased": (
-    lambda: optax_ema.moving_average(
-      optax.sgd(0.1),
-      {"fast": 0.9, "slow": schedules.power(sigma_rel=0.1)},
-      debias=True,
-    ),
-    optax_ema.MovingAverageState,
-  ),
-  "moving_average_per_leaf": (
-    lambda: optax_ema.moving_average(
-      optax.sgd(0.1),
-      schedules.per_leaf({"w": 0.9, "b": 0.5, "n": 0.9}),
-      debias=True,
-    ),
-    optax_ema.MovingAverageState,
-  ),
-  "power_ema": (
-    lambda: optax_ema.power_ema(optax.sgd(0.1), sigma_rels=(0.05, 0.1)),
-    optax_ema.PowerEmaState,
-  ),
-  "swa": (
-    lambda: optax_ema.swa(optax.sgd(0.1), start_averaging=1, average_period=2),
-    optax_ema.SWAState,
-  ),
-}
+import make as pickles  # noqa: E402  (tests/pickles/make.py)
 
 
-@pytest.mark.parametrize("name", sorted(_CASES))
+@pytest.mark.parametrize("name", sorted(pickles.CONFIGS))
 def test_a_state_pickled_by_the_previous_layout_loads_and_trains_on(name):
-  make, state_type = _CASES[name]
-  state = pickle.loads((_PICKLES / f"{name}.pkl").read_bytes())
-  assert type(state) is state_type
+  make, state_type = pickles.CONFIGS[name]
+  state = pickle.loads((pickles.ROOT / f"{name}.pkl").read_bytes())
+  assert type(state) is getattr(optax_ema, state_type)
   tx = make()
-  fresh = tx.init(_PARAMS)
+  fresh = tx.init(pickles.PARAMS)
   assert jax.tree.structure(state) == jax.tree.structure(fresh)
-  assert int(state.count) == 3
-  grads = jax.tree.map(jnp.zeros_like, _PARAMS)
-  _, after = tx.update(grads, state, _PARAMS)
-  assert int(after.count) == 4
+  assert int(state.count) == pickles.STEPS
+  _, after = tx.update(pickles.GRADS, state, pickles.PARAMS)
+  assert int(after.count) == pickles.STEPS + 1
+
+
+def test_a_state_pickles_under_the_module_users_import_it_from():
+  # So that a pickle written now loads in earlier versions too.
+  state = optax_ema.swa(optax.sgd(0.1)).init(pickles.PARAMS)
+  assert b"optax_ema._swa" in pickle.dumps(state)
+  assert b"optax_ema._states" not in pickle.dumps(state)
 
 
 @pytest.mark.parametrize(
