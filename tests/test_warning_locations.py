@@ -1,22 +1,19 @@
 """Every warning of the package points at the line of the user's code.
 
-Each public entry point that can warn is called here, from this file: the
+Each public entry point that can warn is called here, from this file (the
+post-hoc ones, which need Orbax, from ``test_posthoc_warning_locations.py``): the
 warning's ``filename`` must be this file, however many frames of the
 package, of JAX (tracing under ``jit``, ``scan``) or of optax (``chain``,
 ``inject_hyperparams``) lie between this line and the one that warns.
 """
 
-import warnings
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
 import optax_ema
 from optax_ema import _warn
-from optax_ema import posthoc
 
 PARAMS = {"w": jnp.ones(3)}
 BF16_NEAREST = {"ema_dtype": jnp.bfloat16, "stochastic_rounding": False}
@@ -145,59 +142,3 @@ def test_assign_average_vars_warns_at_the_call_for_variables_without_average():
   with pytest.warns(UserWarning, match="have no average") as record:
     opt.assign_average_vars({**params, "new": jnp.ones(2)})
   assert record[0].filename == __file__
-
-
-def _snapshots(directory, counts, every=10):
-  """A power_ema run of ``max(counts)`` steps, saving at ``counts``."""
-  tx = optax_ema.power_ema(optax.sgd(0.1), sigma_rels=(0.05, 0.10))
-  params, state = PARAMS, tx.init(PARAMS)
-  states = {}
-  with posthoc.SnapshotWriter(directory, dtype=np.float32) as writer:
-    for t in range(1, max(counts) + 1):
-      updates, state = tx.update({"w": -jnp.ones(3) * t}, state, params)
-      params = optax.apply_updates(params, updates)
-      states[t] = state
-      if t in counts:
-        writer.save(state)
-  return states
-
-
-@pytest.mark.orbax
-@pytest.mark.parametrize("how", ["SnapshotWriter", "SnapshotRun", "save_snapshot"])
-def test_continuing_a_run_warns_at_the_call_that_opens_it(tmp_path, how):
-  states = _snapshots(tmp_path, [10, 20])
-  with pytest.warns(UserWarning, match="Continuing") as record:
-    if how == "SnapshotWriter":
-      posthoc.SnapshotWriter(tmp_path, resume_from=states[10]).close()
-    elif how == "SnapshotRun":
-      posthoc.SnapshotRun(tmp_path, resume_from=states[10]).close()
-    else:
-      posthoc.save_snapshot(tmp_path, states[15], resume_from=states[10])
-      posthoc.wait_until_finished(tmp_path)
-  assert _one(record).filename == __file__
-
-
-@pytest.fixture(scope="module")
-def snapshot_dir(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("snaps")
-  _snapshots(directory, [20, 40])
-  return directory
-
-
-@pytest.mark.orbax
-@pytest.mark.parametrize("how", ["reconstruction_weights", "reconstruct"])
-def test_a_poor_fit_warns_at_the_reconstructing_call(snapshot_dir, how):
-  call = getattr(posthoc, how)
-  with pytest.warns(UserWarning, match="fit_error") as record:
-    call(snapshot_dir, sigma_rel=0.01)
-  assert [r.filename for r in record] == [__file__] * len(record)
-
-
-@pytest.mark.orbax
-def test_a_sweep_warns_once_at_its_call(snapshot_dir):
-  with warnings.catch_warnings(record=True) as record:
-    warnings.simplefilter("always")
-    posthoc.sweep(snapshot_dir, [0.01, 0.07], lambda p: p["w"][0])
-  (warning,) = record
-  assert "1 of 2 widths" in str(warning.message)
-  assert warning.filename == __file__
