@@ -26,6 +26,7 @@ import optax
 
 from optax_ema import _reading
 from optax_ema import _tree_utils
+from optax_ema import _validation
 from optax_ema import _variables
 
 _FLAX_HINT = (
@@ -117,9 +118,7 @@ def recompute_batch_stats(
     3.50 2.50
   """
   nn = _import("recompute_batch_stats", "linen")
-  batches = list(batches)
-  if not batches:
-    raise ValueError("`batches` must hold at least one batch, got none.")
+  batches = _validation.checked_batches(batches)
   momenta: dict[tuple[str, ...], float] = {}
   calls: dict[tuple[str, ...], int] = {}
 
@@ -255,9 +254,7 @@ def recompute_nnx_batch_stats(
     3.50 2.50
   """
   nnx = _import("recompute_nnx_batch_stats", "nnx")
-  batches = list(batches)
-  if not batches:
-    raise ValueError("`batches` must hold at least one batch, got none.")
+  batches = _validation.checked_batches(batches)
   layers = [
     (path, node)
     for path, node in nnx.iter_graph(model)

@@ -362,9 +362,7 @@ class Engine(NamedTuple):
   def _overwritten(
     self, updates: Any, slot: SlotState, params: Any, now: jax.Array | None = None
   ) -> Any:
-    average = jax.tree.map(
-      _offload.to_device_if_host, slot.tree, is_leaf=_tree_utils.is_none_or_masked
-    )
+    average = _offload.tree_to_device(slot.tree)
     if slot.weight is not None:
       average = _averages.debiased_value(average, slot.weight)
 

@@ -60,8 +60,13 @@ def on_host(x: Any) -> bool:
   return getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host
 
 
-def to_device_if_host(x: Any) -> Any:
-  return to_device(x) if on_host(x) else x
+def tree_to_device(tree: Any) -> Any:
+  """``tree`` with its leaves in host memory brought to device memory."""
+
+  def leaf(x: Any) -> Any:
+    return to_device(x) if on_host(x) else x
+
+  return jax.tree.map(leaf, tree, is_leaf=_tree_utils.is_none_or_masked)
 
 
 @functools.cache

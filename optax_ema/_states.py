@@ -26,7 +26,6 @@ from optax_ema import _engine
 from optax_ema import _offload
 from optax_ema import _power_math
 from optax_ema import _rules
-from optax_ema import _tree_utils
 
 
 class View(NamedTuple):
@@ -37,13 +36,6 @@ class View(NamedTuple):
   tree: Any  # the averaged params (debiased), MaskedNode where not averaged
   step_size: jax.Array  # per-step weight of the last averaging step
   empty: jax.Array | None = None  # debiased and nothing averaged yet (per leaf)
-
-
-def on_device(tree: Any) -> Any:
-  """``tree`` with offloaded (host memory) leaves brought to the device."""
-  return jax.tree.map(
-    _offload.to_device_if_host, tree, is_leaf=_tree_utils.is_none_or_masked
-  )
 
 
 def _tracked(views: list[View]) -> str:
@@ -240,7 +232,7 @@ class MovingAverageLayout(Layout):
     out = []
     for key, value, tree, size in zip(keys, values, trees, sizes, strict=True):
       slot = _slot(tree)
-      average, empty = on_device(slot.tree), None
+      average, empty = _offload.tree_to_device(slot.tree), None
       if slot.weight is not None:
         empty = jnp.asarray(slot.weight) == 0
         average = _averages.debiased_value(average, slot.weight)
@@ -349,7 +341,7 @@ class PowerEmaLayout(Layout):
       View(
         sigma_rel_key(s),
         s,
-        on_device(stored[sigma_rel_key(s)]),
+        _offload.tree_to_device(stored[sigma_rel_key(s)]),
         _power_step_size(count, s),
       )
       for s in cls.tracked(state)
@@ -430,7 +422,7 @@ class SWALayout(Layout):
 
   @classmethod
   def views(cls, state: SWAState) -> list[View]:
-    return [View(0, None, on_device(cls.stored(state)), state.step_size)]
+    return [View(0, None, _offload.tree_to_device(cls.stored(state)), state.step_size)]
 
   @classmethod
   def missing_which(cls, views: list[View]) -> str:

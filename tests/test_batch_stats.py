@@ -179,6 +179,8 @@ def test_nnx_forward_that_skips_a_layer_is_an_error():
   assert model.bn1.momentum == 0.9 and model.bn1.use_running_average
   with pytest.raises(ValueError, match=r"no nnx.BatchNorm"):
     optax_ema.recompute_nnx_batch_stats(nnx.Linear(1, 1, rngs=nnx.Rngs(0)), [1])
+  with pytest.raises(ValueError, match=r"`batches` must hold at least one batch"):
+    optax_ema.recompute_nnx_batch_stats(model, [])
 
 
 def test_tree_average_keeps_the_swa_mean_of_a_tree():

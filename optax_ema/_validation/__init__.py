@@ -76,6 +76,7 @@ from optax_ema._validation._functions import check_float_average
 from optax_ema._validation._functions import check_nnx_optimizer
 from optax_ema._validation._functions import check_state_shardings_args
 from optax_ema._validation._functions import check_train_state
+from optax_ema._validation._functions import checked_batches
 from optax_ema._validation._numbers import check_bool
 from optax_ema._validation._numbers import check_float_dtype
 from optax_ema._validation._numbers import check_int
@@ -161,6 +162,7 @@ __all__ = [
   "check_transformation",
   "check_unit",
   "check_update_every",
+  "checked_batches",
   "checked_optimizer",
   "nearest_rounding_freezes",
   "sample_schedule",

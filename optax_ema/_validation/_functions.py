@@ -16,6 +16,14 @@ from optax_ema import _tree_utils
 from optax_ema import _warn
 
 
+def checked_batches(batches: Any) -> list[Any]:
+  """The batches of the BatchNorm recomputation as a list: at least one."""
+  batches = list(batches)
+  if not batches:
+    raise ValueError("`batches` must hold at least one batch, got none.")
+  return batches
+
+
 def check_float_average(average_var: Any) -> None:
   """``average_op``'s average: floating point leaves (None/MaskedNode pass)."""
   for a in jax.tree.leaves(average_var, is_leaf=_tree_utils.is_none_or_masked):
