@@ -83,9 +83,7 @@ class Layout:
   @classmethod
   def replace(cls, state: Any, inner: Any, stored: Any, count: Any) -> Any:
     """``state`` with its inner state, stored averages and count replaced."""
-    return state._replace(
-      **dict(zip(cls.fields()[:3], (inner, stored, count), strict=True))
-    )
+    return type(state)(inner, stored, count, *state[3:])
 
   @classmethod
   def fields(cls) -> tuple[str, ...]:
@@ -127,7 +125,7 @@ def layout_of(state: Any) -> type[Layout]:
 
 
 def is_average_state(x: Any) -> bool:
-  return type(x) in LAYOUTS
+  return isinstance(x, tuple(LAYOUTS))
 
 
 def _slot(tree: Any) -> _engine.SlotState:
